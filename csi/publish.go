@@ -1,0 +1,276 @@
+package csi
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/moby/sys/mountinfo"
+	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
+
+	"github.com/csi-agent/csi-agent/internal/records"
+)
+
+// bindOptions make the mount itself read-only: the container runtime's bind
+// of the target inherits them, so the pod cannot write through it even when
+// its volumeMount says read-write. connect(2) on a socket still works.
+var bindOptions = []string{"bind", "ro", "nosuid", "nodev", "noexec"}
+
+// snapshot reads the mount table and locates the socket directory in it.
+func (d *Driver) snapshot() ([]*mountinfo.Info, source, string, error) {
+	dir, err := d.socketSource()
+	if err != nil {
+		return nil, source{}, "", err
+	}
+	table, src, err := d.tableWith(dir)
+	return table, src, dir, err
+}
+
+// socketSource resolves the socket directory, which must exist.
+func (d *Driver) socketSource() (string, error) {
+	dir, err := filepath.EvalSymlinks(d.socketDir)
+	if err != nil {
+		return "", fmt.Errorf("workload API socket directory: %w", err)
+	}
+	return dir, nil
+}
+
+func (d *Driver) tableWith(srcDir string) ([]*mountinfo.Info, source, error) {
+	table, err := d.mountTable()
+	if err != nil {
+		return nil, source{}, fmt.Errorf("read mount table: %w", err)
+	}
+	src, err := sourceOf(table, srcDir)
+	return table, src, err
+}
+
+// isMountPoint asks the kernel directly (openat2, no mount table read, which
+// costs real time on a node with thousands of mounts) and falls back to the
+// table when the kernel cannot say for sure.
+func (d *Driver) isMountPoint(path string) (bool, error) {
+	mounted, sure, err := mountinfo.MountedFast(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	if err == nil && sure {
+		return mounted, nil
+	}
+	table, err := d.mountTable()
+	if err != nil {
+		return false, fmt.Errorf("read mount table: %w", err)
+	}
+	return len(layersAt(table, path)) > 0, nil
+}
+
+// checkBind verifies, without the mount table, that the top mount at target
+// shows srcDir with the read-only flags.
+func checkBind(srcDir, target string) error {
+	var src, tgt unix.Stat_t
+	if err := unix.Stat(srcDir, &src); err != nil {
+		return fmt.Errorf("stat %s: %w", srcDir, err)
+	}
+	if err := unix.Stat(target, &tgt); err != nil {
+		return fmt.Errorf("stat %s: %w", target, err)
+	}
+	if src.Dev != tgt.Dev || src.Ino != tgt.Ino {
+		return fmt.Errorf("%s does not show the socket directory", target)
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(target, &st); err != nil {
+		return fmt.Errorf("statfs %s: %w", target, err)
+	}
+	const want = unix.ST_RDONLY | unix.ST_NOSUID | unix.ST_NODEV | unix.ST_NOEXEC
+	if st.Flags&want != want {
+		return fmt.Errorf("the mount at %s has flags %#x, want read-only, nosuid, nodev, noexec", target, st.Flags)
+	}
+	return nil
+}
+
+// publish makes the target a read-only bind mount of the socket directory and
+// records it. The order (mount, record, answer) keeps a crash harmless:
+//   - before the mount: nothing happened; the kubelet retries.
+//   - between mount and record: Reconcile finds a mount of ours without a
+//     record and unmounts it; the kubelet retries.
+//   - between record and answer: mount and record agree; the kubelet's retry
+//     is a no-op success.
+func (d *Driver) publish(p publishRequest) error {
+	t, err := d.resolveTarget(p.target)
+	if err != nil {
+		return err
+	}
+	if t.podUID != p.podUID {
+		return invalidf("target path %q belongs to pod %s, not to pod %s named in the volume context (%s)", p.target, t.podUID, p.podUID, ctxPodUID)
+	}
+
+	d.mu.Lock()
+	defer d.mu.Unlock()
+
+	srcDir, err := d.socketSource()
+	if err != nil {
+		return err
+	}
+	rec := records.Record{
+		VolumeID:       p.volumeID,
+		PodUID:         p.podUID,
+		PodNamespace:   p.podNamespace,
+		PodName:        p.podName,
+		ServiceAccount: p.serviceAccount,
+		TargetPath:     p.target,
+	}
+	state, why := stateUnmounted, ""
+	if t.exists {
+		mounted, err := d.isMountPoint(t.real)
+		if err != nil {
+			return err
+		}
+		if mounted {
+			table, src, err := d.tableWith(srcDir)
+			if err != nil {
+				return err
+			}
+			state, why = classify(layersAt(table, t.real), src)
+		}
+	}
+	if state == stateForeign {
+		return conflictf("target path %s already holds a mount that is not ours: %s; refusing to stack a mount on it", p.target, why)
+	}
+	if old, ok := d.records.ByTarget(p.target); ok && state != stateUnmounted && old.VolumeID != p.volumeID {
+		return alreadyExistsf("target path %s is already published for volume %s, not %s", p.target, old.VolumeID, p.volumeID)
+	}
+	if state == stateOurs {
+		// A repeated publish: make sure it is recorded, never mount again.
+		if old, ok := d.records.ByTarget(p.target); ok && sameRecord(old, rec) {
+			return nil
+		}
+		return d.record(rec, t, false)
+	}
+	if state == stateOursBroken {
+		klog.InfoS("Replacing a broken mount at the target", "target", p.target, "reason", why)
+		if err := d.unmountAll(t.real); err != nil {
+			return err
+		}
+	}
+
+	created := false
+	if !t.exists {
+		if err := os.MkdirAll(t.real, 0o750); err != nil {
+			return fmt.Errorf("create target %s: %w", t.real, err)
+		}
+		created = true
+	}
+	if err := d.mounter.MountSensitiveWithoutSystemd(srcDir, t.real, "", bindOptions, nil); err != nil {
+		if created {
+			_ = os.Remove(t.real)
+		}
+		return fmt.Errorf("mount the Workload API socket directory at %s: %w", p.target, err)
+	}
+	if d.hooks.afterMount != nil {
+		d.hooks.afterMount(p.target)
+	}
+	// Check the result rather than trust the mounter.
+	if err := checkBind(srcDir, t.real); err != nil {
+		return d.rollback(t, created, err)
+	}
+	return d.record(rec, t, created)
+}
+
+// record stores rec durably; on failure it undoes the mount so that no mount
+// is left without a record.
+func (d *Driver) record(rec records.Record, t target, created bool) error {
+	rec.PublishedAt = d.now().UTC()
+	if err := d.records.Put(rec); err != nil {
+		return d.rollback(t, created, err)
+	}
+	if d.hooks.afterRecord != nil {
+		d.hooks.afterRecord(rec.TargetPath)
+	}
+	klog.InfoS("Published the Workload API socket", "pod", klog.KRef(rec.PodNamespace, rec.PodName),
+		"podUID", rec.PodUID, "serviceAccount", rec.ServiceAccount, "volumeID", rec.VolumeID, "target", rec.TargetPath)
+	return nil
+}
+
+func (d *Driver) rollback(t target, created bool, cause error) error {
+	if err := d.unmountAll(t.real); err != nil {
+		return errors.Join(cause, err)
+	}
+	if created {
+		_ = os.Remove(t.real)
+	}
+	return cause
+}
+
+func sameRecord(a, b records.Record) bool {
+	a.PublishedAt, b.PublishedAt = time.Time{}, time.Time{}
+	return a == b
+}
+
+// unpublish unmounts every layer at the target, removes the directory and
+// then the record. A crash between the steps leaves a record without a mount,
+// which Reconcile drops. A target that is gone (node reboot) or never existed
+// is a success.
+func (d *Driver) unpublish(volumeID, targetPath string) error {
+	if err := validateVolumeID(volumeID); err != nil {
+		return err
+	}
+	if targetPath == "" {
+		return invalidf("target_path is missing")
+	}
+	t, err := d.resolveTarget(targetPath)
+	if err != nil {
+		return err
+	}
+
+	d.mu.Lock()
+	defer d.mu.Unlock()
+
+	if t.exists {
+		if err := d.unmountAll(t.real); err != nil {
+			return err
+		}
+		if err := os.Remove(t.real); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			if errors.Is(err, syscall.ENOTEMPTY) || errors.Is(err, syscall.EEXIST) {
+				return conflictf("target path %s is not empty after unmounting; it holds files the driver did not create", targetPath)
+			}
+			return fmt.Errorf("remove target %s: %w", targetPath, err)
+		}
+	}
+	rec, had := d.records.ByTarget(targetPath)
+	if err := d.records.Delete(targetPath); err != nil {
+		return err
+	}
+	if had {
+		klog.InfoS("Unpublished the Workload API socket", "pod", klog.KRef(rec.PodNamespace, rec.PodName),
+			"podUID", rec.PodUID, "volumeID", volumeID, "target", targetPath)
+	} else {
+		klog.InfoS("Unpublished a target that had no record", "podUID", t.podUID, "volumeID", volumeID, "target", targetPath, "existed", t.exists)
+	}
+	return nil
+}
+
+// maxLayers bounds the unmount loop: nothing legitimate stacks this deep.
+const maxLayers = 64
+
+// unmountAll removes every mount stacked at the resolved path mountpoint.
+func (d *Driver) unmountAll(mountpoint string) error {
+	for i := 0; i <= maxLayers; i++ {
+		mounted, err := d.isMountPoint(mountpoint)
+		if err != nil {
+			return err
+		}
+		if !mounted {
+			return nil
+		}
+		if i == maxLayers {
+			break
+		}
+		if err := d.mounter.Unmount(mountpoint); err != nil {
+			return fmt.Errorf("unmount %s: %w", mountpoint, err)
+		}
+	}
+	return fmt.Errorf("%s still holds mounts after %d unmounts", mountpoint, maxLayers)
+}

@@ -1,0 +1,396 @@
+// Package ca is the agent's issuing authority: it holds the trust anchor
+// (self-managed or upstream), signs leaves through a short-lived in-memory
+// intermediate, mints JWT-SVIDs and publishes the trust bundle.
+//
+// Chain of trust:
+//
+//	root (self-managed, persisted) or upstream CA (files)   ← in Bundle()
+//	  └─ intermediate (in memory, IntermediateTTL, rotated at half life)
+//	       └─ X.509-SVID leaf (X509SVIDTTL, clamped to the intermediate)
+//
+// Self-managed mode (default): on first start the agent creates a root
+// (ECDSA P-256, self-signed, URI SAN spiffe://<trust-domain>, valid one
+// year) and a JWT-SVID signing key, both in <StateDir>/ca.pem, and reuses
+// them on every restart so the bundle stays the same. After two thirds of
+// its life the root is replaced; the old one stays in the bundle until it
+// expires. Each agent has its own root: agents on different nodes trust one
+// another only in upstream mode.
+//
+// Upstream mode: a CA certificate and key from files (for example a
+// Kubernetes Secret shared by all agents) are the trust anchor, and the
+// JWT-SVID key is derived from that key, so all agents sharing it accept
+// each other's X.509-SVIDs and JWT-SVIDs. The files are read once, in New;
+// replacing the upstream CA takes a restart.
+//
+// JWT-SVIDs are signed with one ES256 key, which does not rotate.
+package ca
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/go-jose/go-jose/v4"
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"k8s.io/klog/v2"
+	"k8s.io/utils/clock"
+)
+
+const (
+	defaultX509SVIDTTL     = time.Hour
+	defaultJWTSVIDTTL      = 5 * time.Minute
+	defaultIntermediateTTL = 24 * time.Hour
+	minIntermediateTTL     = time.Minute
+
+	// rootTTL is the lifetime of a self-managed root. A new root is made once
+	// rootRotateFraction of its life has passed; the old one stays in the
+	// bundle until it expires, so SVIDs chained to it keep verifying.
+	rootTTL = 365 * 24 * time.Hour
+
+	// backdate allows for clock skew between the agent and relying parties.
+	backdate = 10 * time.Second
+
+	// retryAfter spaces out rotation attempts after a failure so a broken
+	// upstream does not cost a key generation on every mint.
+	retryAfter = 30 * time.Second
+)
+
+// rootRotateAt is when a root issued for [notBefore, notAfter] is replaced:
+// after two thirds of its life.
+func rootRotateAt(c *x509.Certificate) time.Time {
+	life := c.NotAfter.Sub(c.NotBefore)
+	return c.NotBefore.Add(life / 3 * 2)
+}
+
+// Options configures an Authority.
+type Options struct {
+	TrustDomain spiffeid.TrustDomain
+
+	// StateDir holds the self-managed CA material (ca.pem, mode 0600, in a
+	// 0700 directory). Ignored in upstream mode.
+	StateDir string
+
+	// UpstreamCertFile and UpstreamKeyFile, both set, select upstream mode:
+	// the PEM certificate is the trust anchor and the PEM key (PKCS#1, PKCS#8
+	// or SEC1; RSA or ECDSA) signs the agent's intermediates.
+	UpstreamCertFile string
+	UpstreamKeyFile  string
+
+	X509SVIDTTL     time.Duration // default 1h
+	JWTSVIDTTL      time.Duration // default 5m
+	IntermediateTTL time.Duration // default 24h; rotated at half life
+
+	Clock clock.Clock // nil means the real clock
+}
+
+// Authority mints SVIDs for one trust domain. It is safe for concurrent use.
+type Authority struct {
+	td       spiffeid.TrustDomain
+	clock    clock.Clock
+	x509TTL  time.Duration
+	jwtTTL   time.Duration
+	interTTL time.Duration
+
+	// Immutable after New.
+	statePath string // "" in upstream mode
+	jwtKey    *ecdsa.PrivateKey
+	jwtKID    string
+	jwtSigner jose.Signer
+
+	mu      sync.RWMutex
+	root    *signingCA          // signs intermediates: self-managed root or upstream CA
+	oldRoot []*x509.Certificate // previous self-managed roots, still in the bundle
+	inter   *signingCA          // signs leaves
+	// interRotateAt is the intermediate's half life.
+	interRotateAt time.Time
+	// nextCheck is when rotate has work to do (or should retry).
+	nextCheck time.Time
+	bundle    *spiffebundle.Bundle
+	changed   chan struct{}
+}
+
+// signingCA is a CA certificate with its private key.
+type signingCA struct {
+	cert *x509.Certificate
+	key  crypto.Signer
+}
+
+// New loads or creates the CA material and issues the first intermediate.
+func New(ctx context.Context, opts Options) (*Authority, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	if opts.TrustDomain.IsZero() {
+		return nil, errors.New("ca: trust domain is required")
+	}
+	a := &Authority{
+		td:       opts.TrustDomain,
+		clock:    opts.Clock,
+		x509TTL:  opts.X509SVIDTTL,
+		jwtTTL:   opts.JWTSVIDTTL,
+		interTTL: opts.IntermediateTTL,
+		changed:  make(chan struct{}),
+	}
+	if a.clock == nil {
+		a.clock = clock.RealClock{}
+	}
+	for _, d := range []struct {
+		name string
+		v    *time.Duration
+		def  time.Duration
+	}{
+		{"X.509-SVID TTL", &a.x509TTL, defaultX509SVIDTTL},
+		{"JWT-SVID TTL", &a.jwtTTL, defaultJWTSVIDTTL},
+		{"intermediate TTL", &a.interTTL, defaultIntermediateTTL},
+	} {
+		switch {
+		case *d.v < 0:
+			return nil, fmt.Errorf("ca: %s must not be negative, got %s", d.name, *d.v)
+		case *d.v == 0:
+			*d.v = d.def
+		}
+	}
+	if a.interTTL < minIntermediateTTL {
+		return nil, fmt.Errorf("ca: intermediate TTL %s is below the minimum %s", a.interTTL, minIntermediateTTL)
+	}
+	if a.x509TTL > a.interTTL/2 {
+		// Leaves are clamped to the intermediate, which may have only half
+		// its life left: such leaves come out shorter than configured.
+		klog.InfoS("X.509-SVID TTL exceeds half the intermediate TTL; leaves will be shortened to the intermediate's remaining life",
+			"x509SVIDTTL", a.x509TTL, "intermediateTTL", a.interTTL)
+	}
+
+	now := a.clock.Now()
+	switch {
+	case opts.UpstreamCertFile != "" && opts.UpstreamKeyFile != "":
+		up, err := loadUpstream(opts.UpstreamCertFile, opts.UpstreamKeyFile, a.td, now)
+		if err != nil {
+			return nil, err
+		}
+		a.root = up
+		jwtKey, err := deriveJWTKey(up.key, a.td)
+		if err != nil {
+			return nil, fmt.Errorf("ca: derive JWT-SVID key from %s: %w", opts.UpstreamKeyFile, err)
+		}
+		a.jwtKey = jwtKey
+		klog.InfoS("Using upstream CA", "trustDomain", a.td, "certFile", opts.UpstreamCertFile,
+			"subject", up.cert.Subject.String(), "notAfter", up.cert.NotAfter)
+	case opts.UpstreamCertFile != "" || opts.UpstreamKeyFile != "":
+		return nil, fmt.Errorf("ca: upstream mode needs both a certificate file and a key file (got cert %q, key %q)",
+			opts.UpstreamCertFile, opts.UpstreamKeyFile)
+	default:
+		if opts.StateDir == "" {
+			return nil, errors.New("ca: state directory is required for a self-managed CA")
+		}
+		st, err := openState(opts.StateDir, a.td, now)
+		if err != nil {
+			return nil, err
+		}
+		a.statePath = st.path
+		a.root = st.root
+		a.oldRoot = st.oldRoots
+		a.jwtKey = st.jwtKey
+	}
+
+	kid, err := keyID(&a.jwtKey.PublicKey)
+	if err != nil {
+		return nil, fmt.Errorf("ca: JWT-SVID key id: %w", err)
+	}
+	a.jwtKID = kid
+	a.jwtSigner, err = newJWTSigner(a.jwtKey, kid)
+	if err != nil {
+		return nil, fmt.Errorf("ca: JWT-SVID signer: %w", err)
+	}
+
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.rebuildBundleLocked(now)
+	if _, err := a.rotateLocked(now); err != nil {
+		return nil, err
+	}
+	return a, nil
+}
+
+// X509SVIDTTL is the configured lifetime of X.509-SVIDs.
+func (a *Authority) X509SVIDTTL() time.Duration { return a.x509TTL }
+
+// JWTSVIDTTL is the configured lifetime of JWT-SVIDs.
+func (a *Authority) JWTSVIDTTL() time.Duration { return a.jwtTTL }
+
+// TrustDomain is the trust domain this authority issues for.
+func (a *Authority) TrustDomain() spiffeid.TrustDomain { return a.td }
+
+// Bundle returns a copy of the current bundle of our trust domain: every
+// unexpired X.509 authority and the JWT authority.
+func (a *Authority) Bundle() *spiffebundle.Bundle {
+	a.mu.RLock()
+	defer a.mu.RUnlock()
+	return a.bundle.Clone()
+}
+
+// Changed returns a channel that is closed the next time the bundle or the
+// signing intermediate changes. Call it again after it fires.
+func (a *Authority) Changed() <-chan struct{} {
+	a.mu.RLock()
+	defer a.mu.RUnlock()
+	return a.changed
+}
+
+// Run rotates the intermediate (and, self-managed, the root) on time until
+// ctx is done. Minting also rotates when it finds the intermediate due, so
+// a stalled Run never lets a leaf chain to an expired intermediate. It
+// returns nil once ctx is done.
+func (a *Authority) Run(ctx context.Context) error {
+	for {
+		a.mu.RLock()
+		wait := a.nextCheck.Sub(a.clock.Now())
+		a.mu.RUnlock()
+		if wait > 0 {
+			t := a.clock.NewTimer(wait)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return nil
+			case <-t.C():
+			}
+		} else if ctx.Err() != nil {
+			return nil
+		}
+		a.mu.Lock()
+		_, err := a.rotateLocked(a.clock.Now())
+		a.mu.Unlock()
+		if err != nil {
+			klog.ErrorS(err, "CA rotation failed; will retry", "trustDomain", a.td, "retryIn", retryAfter)
+		}
+	}
+}
+
+// currentIntermediate returns the intermediate to sign leaves with, rotating
+// first when it is due.
+func (a *Authority) currentIntermediate(now time.Time) (*signingCA, error) {
+	a.mu.RLock()
+	inter, due := a.inter, !now.Before(a.nextCheck)
+	a.mu.RUnlock()
+	if due {
+		a.mu.Lock()
+		if _, err := a.rotateLocked(now); err != nil {
+			klog.ErrorS(err, "CA rotation failed; will retry", "trustDomain", a.td, "retryIn", retryAfter)
+		}
+		inter = a.inter
+		a.mu.Unlock()
+	}
+	if inter == nil {
+		return nil, errors.New("ca: no signing intermediate")
+	}
+	if !now.Before(inter.cert.NotAfter) {
+		return nil, fmt.Errorf("ca: signing intermediate expired at %s and could not be renewed", inter.cert.NotAfter.UTC().Format(time.RFC3339))
+	}
+	return inter, nil
+}
+
+// rotateLocked replaces the root (self-managed) and the intermediate when
+// due. It reports whether anything changed, and fires Changed if so.
+func (a *Authority) rotateLocked(now time.Time) (changed bool, err error) {
+	if now.Before(a.nextCheck) {
+		return false, nil
+	}
+	rootFailed := false
+	defer func() {
+		if changed {
+			close(a.changed)
+			a.changed = make(chan struct{})
+		}
+		a.scheduleLocked(now, err != nil, rootFailed)
+	}()
+
+	bundleChanged := a.dropExpiredLocked(now)
+	if a.statePath != "" && !now.Before(rootRotateAt(a.root.cert)) {
+		if err := a.rotateRootLocked(now); err != nil {
+			if !now.Before(a.root.cert.NotAfter) {
+				return bundleChanged, err
+			}
+			// The current root is still valid: keep issuing from it.
+			klog.ErrorS(err, "Rotating the self-managed root failed; will retry", "file", a.statePath,
+				"rootNotAfter", a.root.cert.NotAfter, "retryIn", retryAfter)
+			rootFailed = true
+		} else {
+			bundleChanged = true
+		}
+	}
+	if bundleChanged {
+		a.rebuildBundleLocked(now)
+		changed = true
+	}
+
+	if a.inter == nil || !now.Before(a.interRotateAt) {
+		inter, rotateAt, err := newIntermediate(a.td, a.root, now, a.interTTL)
+		if err != nil {
+			return changed, err
+		}
+		a.inter, a.interRotateAt = inter, rotateAt
+		changed = true
+		klog.InfoS("Issued signing intermediate", "trustDomain", a.td,
+			"serial", inter.cert.SerialNumber.Text(16), "notAfter", inter.cert.NotAfter, "rotateAt", rotateAt)
+		if inter.cert.NotAfter.Equal(a.root.cert.NotAfter) {
+			klog.ErrorS(nil, "Signing intermediate cut short by its issuer's expiry; replace the CA before it expires",
+				"trustDomain", a.td, "issuer", a.root.cert.Subject.String(), "issuerNotAfter", a.root.cert.NotAfter)
+		}
+	}
+	return changed, nil
+}
+
+// scheduleLocked sets when rotateLocked next has work to do.
+func (a *Authority) scheduleLocked(now time.Time, failed, rootFailed bool) {
+	if failed || a.inter == nil {
+		a.nextCheck = now.Add(retryAfter)
+		return
+	}
+	next := a.interRotateAt
+	if a.statePath != "" {
+		t := rootRotateAt(a.root.cert)
+		if rootFailed {
+			t = now.Add(retryAfter)
+		}
+		if t.Before(next) {
+			next = t
+		}
+	}
+	for _, c := range a.oldRoot {
+		if c.NotAfter.Before(next) {
+			next = c.NotAfter
+		}
+	}
+	a.nextCheck = next
+}
+
+// dropExpiredLocked forgets previous roots that have expired.
+func (a *Authority) dropExpiredLocked(now time.Time) bool {
+	kept := a.oldRoot[:0:0]
+	for _, c := range a.oldRoot {
+		if now.Before(c.NotAfter) {
+			kept = append(kept, c)
+		}
+	}
+	dropped := len(kept) != len(a.oldRoot)
+	a.oldRoot = kept
+	return dropped
+}
+
+func (a *Authority) rebuildBundleLocked(now time.Time) {
+	b := spiffebundle.New(a.td)
+	b.AddX509Authority(a.root.cert)
+	for _, c := range a.oldRoot {
+		if now.Before(c.NotAfter) {
+			b.AddX509Authority(c)
+		}
+	}
+	// AddJWTAuthority only fails on an empty key id, which keyID never returns.
+	_ = b.AddJWTAuthority(a.jwtKID, &a.jwtKey.PublicKey)
+	a.bundle = b
+}

@@ -1,0 +1,412 @@
+// Package config reads the agent's configuration: a YAML file, then flags on
+// top. Parsing is strict: an unknown or invalid field refuses to start and
+// the error names the field.
+package config
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"reflect"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"sigs.k8s.io/yaml"
+
+	"github.com/csi-agent/csi-agent/internal/federation"
+	"github.com/csi-agent/csi-agent/internal/rules"
+)
+
+// Defaults.
+const (
+	DefaultTrustDomain    = "cluster.local"
+	DefaultStateDir       = "/var/lib/csi-agent"
+	DefaultProcRoot       = "/proc"
+	DefaultSocketDir      = "/run/csi-agent/sockets"
+	DefaultSocketName     = "agent.sock"
+	DefaultDriverName     = "csi-agent.spiffe.io"
+	DefaultKubeletRootDir = "/var/lib/kubelet"
+	DefaultKubeletPort    = 10250
+	DefaultX509SVIDTTL    = time.Hour
+	DefaultJWTSVIDTTL     = 5 * time.Minute
+	DefaultNodeNameEnv    = "MY_NODE_NAME"
+	DefaultTokenFile      = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+)
+
+// Config is the whole agent configuration.
+type Config struct {
+	TrustDomain string              `json:"trustDomain"`
+	StateDir    string              `json:"stateDir"`
+	ProcRoot    string              `json:"procRoot"`
+	NodeName    string              `json:"nodeName"`
+	WorkloadAPI WorkloadAPI         `json:"workloadAPI"`
+	CSI         CSI                 `json:"csi"`
+	Kubernetes  Kubernetes          `json:"kubernetes"`
+	CA          CA                  `json:"ca"`
+	Unix        Unix                `json:"unix"`
+	Federation  []federation.Source `json:"federation"`
+	SVIDs       []rules.SVID        `json:"svids"`
+
+	// Dev is set by --dev only: temp dirs, CSI off, a rule for the current user.
+	Dev bool `json:"-"`
+}
+
+// WorkloadAPI configures the Workload API endpoint.
+type WorkloadAPI struct {
+	SocketDir  string `json:"socketDir"`
+	SocketName string `json:"socketName"`
+}
+
+// SocketPath is the Workload API socket's path.
+func (w WorkloadAPI) SocketPath() string { return filepath.Join(w.SocketDir, w.SocketName) }
+
+// CSI configures the CSI node plugin; it is off while Socket is empty.
+type CSI struct {
+	Socket         string `json:"socket"`
+	DriverName     string `json:"driverName"`
+	KubeletRootDir string `json:"kubeletRootDir"`
+	// Registration turns the built-in kubelet plugin registration on (default on).
+	Registration *bool `json:"registration"`
+}
+
+// Kubernetes configures Kubernetes workload attestation.
+type Kubernetes struct {
+	// Enabled defaults to true when CSI is on.
+	Enabled    *bool   `json:"enabled"`
+	CrossCheck string  `json:"crossCheck"`
+	Kubelet    Kubelet `json:"kubelet"`
+	// RetryBudget bounds how long a caller whose pod is not yet listed waits.
+	RetryBudget Duration `json:"retryBudget"`
+}
+
+// Kubelet configures the kubelet client.
+type Kubelet struct {
+	Host               string `json:"host"`
+	Port               int    `json:"port"`
+	ReadOnlyPort       int    `json:"readOnlyPort"`
+	TokenFile          string `json:"tokenFile"`
+	CAFile             string `json:"caFile"`
+	ClientCertFile     string `json:"clientCertFile"`
+	ClientKeyFile      string `json:"clientKeyFile"`
+	InsecureSkipVerify bool   `json:"insecureSkipVerify"`
+	Anonymous          bool   `json:"anonymous"`
+}
+
+// CA configures the issuing authority.
+type CA struct {
+	UpstreamCertFile string   `json:"upstreamCertFile"`
+	UpstreamKeyFile  string   `json:"upstreamKeyFile"`
+	X509SVIDTTL      Duration `json:"x509SVIDTTL"`
+	JWTSVIDTTL       Duration `json:"jwtSVIDTTL"`
+}
+
+// Unix configures Unix attestation.
+type Unix struct {
+	WorkloadPath   bool  `json:"workloadPath"`
+	WorkloadSHA256 bool  `json:"workloadSHA256"`
+	MaxBinarySize  int64 `json:"maxBinarySize"`
+}
+
+// Duration is a time.Duration written as "90s", "1h".
+type Duration time.Duration
+
+// UnmarshalJSON accepts a Go duration string.
+func (d *Duration) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err != nil {
+		return fmt.Errorf("want a duration such as \"1h\" or \"90s\"")
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return fmt.Errorf("invalid duration %q", s)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// MarshalJSON writes the duration as a string.
+func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(time.Duration(d).String()) }
+
+// KubernetesEnabled reports whether Kubernetes attestation is on.
+func (c *Config) KubernetesEnabled() bool {
+	if c.Kubernetes.Enabled != nil {
+		return *c.Kubernetes.Enabled
+	}
+	return c.CSI.Socket != ""
+}
+
+// RegistrationEnabled reports whether kubelet plugin registration is on.
+func (c *Config) RegistrationEnabled() bool {
+	return c.CSI.Registration == nil || *c.CSI.Registration
+}
+
+// Default returns the configuration with every default filled in.
+func Default() Config {
+	return Config{
+		TrustDomain: DefaultTrustDomain,
+		StateDir:    DefaultStateDir,
+		ProcRoot:    DefaultProcRoot,
+		WorkloadAPI: WorkloadAPI{SocketDir: DefaultSocketDir, SocketName: DefaultSocketName},
+		CSI:         CSI{DriverName: DefaultDriverName, KubeletRootDir: DefaultKubeletRootDir},
+		Kubernetes: Kubernetes{
+			CrossCheck:  "enforce",
+			Kubelet:     Kubelet{Port: DefaultKubeletPort, TokenFile: DefaultTokenFile},
+			RetryBudget: Duration(30 * time.Second),
+		},
+		CA:   CA{X509SVIDTTL: Duration(DefaultX509SVIDTTL), JWTSVIDTTL: Duration(DefaultJWTSVIDTTL)},
+		Unix: Unix{MaxBinarySize: 128 << 20},
+	}
+}
+
+// Parse reads YAML onto the defaults. Unknown fields and wrong types are
+// errors naming the field's path (e.g. "csi.driverNme: unknown field").
+func Parse(data []byte) (Config, error) {
+	cfg := Default()
+	js, err := yaml.YAMLToJSON(data)
+	if err != nil {
+		return cfg, fmt.Errorf("config is not valid YAML: %w", err)
+	}
+	if err := checkFields(js, reflect.TypeOf(cfg)); err != nil {
+		return cfg, err
+	}
+	dec := json.NewDecoder(strings.NewReader(string(js)))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&cfg); err != nil {
+		return cfg, describeDecodeError(err)
+	}
+	return cfg, nil
+}
+
+// Load reads and parses a config file.
+func Load(path string) (Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return Default(), fmt.Errorf("read config: %w", err)
+	}
+	cfg, err := Parse(data)
+	if err != nil {
+		return cfg, fmt.Errorf("config %s: %w", path, err)
+	}
+	return cfg, nil
+}
+
+func describeDecodeError(err error) error {
+	var te *json.UnmarshalTypeError
+	if errors.As(err, &te) {
+		field := te.Field
+		if field == "" {
+			field = "(top level)"
+		}
+		return fmt.Errorf("%s: want %s, got %s", field, te.Type, te.Value)
+	}
+	return err
+}
+
+// checkFields walks the JSON document against the Go type and reports the
+// first unknown key with its full path, which encoding/json does not give.
+func checkFields(js []byte, t reflect.Type) error {
+	var doc any
+	if err := json.Unmarshal(js, &doc); err != nil {
+		return fmt.Errorf("config: %w", err)
+	}
+	if doc == nil {
+		return nil
+	}
+	return walk(doc, t, "")
+}
+
+func walk(v any, t reflect.Type, path string) error {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	if t == reflect.TypeOf(Duration(0)) {
+		// Custom unmarshalers' errors carry no field name; check here.
+		s, ok := v.(string)
+		if !ok {
+			return fmt.Errorf("%s: want a duration such as \"1h\" or \"90s\"", path)
+		}
+		if _, err := time.ParseDuration(s); err != nil {
+			return fmt.Errorf("%s: invalid duration %q", path, s)
+		}
+		return nil
+	}
+	switch val := v.(type) {
+	case map[string]any:
+		switch t.Kind() {
+		case reflect.Struct:
+			fields := jsonFields(t)
+			keys := make([]string, 0, len(val))
+			for k := range val {
+				keys = append(keys, k)
+			}
+			sort.Strings(keys)
+			for _, k := range keys {
+				ft, ok := fields[k]
+				if !ok {
+					return fmt.Errorf("%s: unknown field", join(path, k))
+				}
+				if err := walk(val[k], ft, join(path, k)); err != nil {
+					return err
+				}
+			}
+		case reflect.Map:
+			for k, e := range val {
+				if err := walk(e, t.Elem(), join(path, k)); err != nil {
+					return err
+				}
+			}
+		}
+	case []any:
+		if t.Kind() == reflect.Slice {
+			for i, e := range val {
+				if err := walk(e, t.Elem(), fmt.Sprintf("%s[%d]", path, i)); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	return nil
+}
+
+func join(path, key string) string {
+	if path == "" {
+		return key
+	}
+	return path + "." + key
+}
+
+func jsonFields(t reflect.Type) map[string]reflect.Type {
+	out := map[string]reflect.Type{}
+	for i := 0; i < t.NumField(); i++ {
+		f := t.Field(i)
+		name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+		if name == "-" || !f.IsExported() {
+			continue
+		}
+		if name == "" {
+			name = f.Name
+		}
+		out[name] = f.Type
+	}
+	return out
+}
+
+// Validate checks every field and returns the first problem, naming it.
+// Rules and federation sources are compiled by their own packages, which name
+// their fields; Validate covers everything else.
+func (c *Config) Validate() error {
+	if _, err := spiffeid.TrustDomainFromString(c.TrustDomain); err != nil {
+		return fmt.Errorf("trustDomain: %q is not a valid trust domain: %w", c.TrustDomain, err)
+	}
+	if strings.ContainsAny(c.TrustDomain, ":/") {
+		return fmt.Errorf("trustDomain: give the bare name (example.org), not %q", c.TrustDomain)
+	}
+	checks := []struct {
+		field, value string
+	}{
+		{"stateDir", c.StateDir},
+		{"procRoot", c.ProcRoot},
+		{"workloadAPI.socketDir", c.WorkloadAPI.SocketDir},
+	}
+	for _, ch := range checks {
+		if ch.value == "" {
+			return fmt.Errorf("%s: must not be empty", ch.field)
+		}
+		if !filepath.IsAbs(ch.value) {
+			return fmt.Errorf("%s: must be an absolute path, got %q", ch.field, ch.value)
+		}
+	}
+	name := c.WorkloadAPI.SocketName
+	if name == "" || strings.ContainsRune(name, '/') || name == "." || name == ".." {
+		return fmt.Errorf("workloadAPI.socketName: must be a plain file name, got %q", name)
+	}
+	// sun_path holds 108 bytes including the terminating NUL.
+	if n := len(c.WorkloadAPI.SocketPath()); n > 107 {
+		return fmt.Errorf("workloadAPI.socketDir: socket path is %d bytes, Unix sockets allow 107", n)
+	}
+	if c.CSI.Socket != "" {
+		if !filepath.IsAbs(c.CSI.Socket) {
+			return fmt.Errorf("csi.socket: must be an absolute path, got %q", c.CSI.Socket)
+		}
+		if len(c.CSI.Socket) > 107 {
+			return fmt.Errorf("csi.socket: path is %d bytes, Unix sockets allow 107", len(c.CSI.Socket))
+		}
+		if !validDriverName(c.CSI.DriverName) {
+			return fmt.Errorf("csi.driverName: %q is not a valid CSI driver name (DNS-1123 style, at most 63 characters, e.g. csi-agent.spiffe.io)", c.CSI.DriverName)
+		}
+		if !filepath.IsAbs(c.CSI.KubeletRootDir) {
+			return fmt.Errorf("csi.kubeletRootDir: must be an absolute path, got %q", c.CSI.KubeletRootDir)
+		}
+		if c.NodeName == "" {
+			return fmt.Errorf("nodeName: required when CSI is on (set --node-name or $%s)", DefaultNodeNameEnv)
+		}
+	}
+	switch c.Kubernetes.CrossCheck {
+	case "enforce", "warn", "off":
+	default:
+		return fmt.Errorf("kubernetes.crossCheck: %q is not one of enforce, warn, off", c.Kubernetes.CrossCheck)
+	}
+	if c.KubernetesEnabled() {
+		k := c.Kubernetes.Kubelet
+		if err := checkPort("kubernetes.kubelet.port", k.Port, false); err != nil {
+			return err
+		}
+		if err := checkPort("kubernetes.kubelet.readOnlyPort", k.ReadOnlyPort, true); err != nil {
+			return err
+		}
+		if (k.ClientCertFile == "") != (k.ClientKeyFile == "") {
+			return errors.New("kubernetes.kubelet.clientCertFile: clientCertFile and clientKeyFile go together")
+		}
+		if k.InsecureSkipVerify && k.CAFile != "" {
+			return errors.New("kubernetes.kubelet.insecureSkipVerify: cannot be combined with caFile")
+		}
+		if c.Kubernetes.RetryBudget <= 0 {
+			return fmt.Errorf("kubernetes.retryBudget: must be positive, got %s", time.Duration(c.Kubernetes.RetryBudget))
+		}
+	}
+	if (c.CA.UpstreamCertFile == "") != (c.CA.UpstreamKeyFile == "") {
+		return errors.New("ca.upstreamCertFile: upstreamCertFile and upstreamKeyFile go together")
+	}
+	if d := time.Duration(c.CA.X509SVIDTTL); d < 10*time.Second {
+		return fmt.Errorf("ca.x509SVIDTTL: must be at least 10s, got %s", d)
+	}
+	if d := time.Duration(c.CA.JWTSVIDTTL); d < 10*time.Second {
+		return fmt.Errorf("ca.jwtSVIDTTL: must be at least 10s, got %s", d)
+	}
+	if c.Unix.MaxBinarySize <= 0 {
+		return fmt.Errorf("unix.maxBinarySize: must be positive, got %d", c.Unix.MaxBinarySize)
+	}
+	return nil
+}
+
+func checkPort(field string, p int, zeroOK bool) error {
+	if zeroOK && p == 0 {
+		return nil
+	}
+	if p < 1 || p > 65535 {
+		return fmt.Errorf("%s: %d is not a TCP port", field, p)
+	}
+	return nil
+}
+
+func validDriverName(s string) bool {
+	if s == "" || len(s) > 63 {
+		return false
+	}
+	for i, r := range s {
+		switch {
+		case r >= 'a' && r <= 'z', r >= '0' && r <= '9':
+		case r == '-' || r == '.':
+			if i == 0 || i == len(s)-1 {
+				return false
+			}
+		default:
+			return false
+		}
+	}
+	return true
+}

@@ -1,0 +1,164 @@
+package config
+
+import (
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/csi-agent/csi-agent/internal/rules"
+)
+
+// FromArgs builds the configuration of `csi-agent run`: defaults, then the
+// --config file, then --dev adjustments, then every flag given, then
+// environment fallbacks. The result is validated.
+func FromArgs(args []string, getenv func(string) string, usage io.Writer, extra ...func(*flag.FlagSet)) (Config, error) {
+	fs := flag.NewFlagSet("run", flag.ContinueOnError)
+	fs.SetOutput(usage)
+	for _, add := range extra {
+		add(fs)
+	}
+	var (
+		configPath = fs.String("config", "", "YAML config file; flags override it")
+		dev        = fs.Bool("dev", false, "try it locally: temp dirs, CSI off, an SVID for the current user")
+	)
+	// Each flag writes into a pending override applied after the file.
+	type override struct {
+		apply func(*Config) error
+	}
+	overrides := map[string]override{}
+	str := func(name, usageText string, set func(*Config, string)) {
+		fs.Func(name, usageText, func(v string) error {
+			overrides[name] = override{func(c *Config) error { set(c, v); return nil }}
+			return nil
+		})
+	}
+	num := func(name, usageText string, set func(*Config, int)) {
+		fs.Func(name, usageText, func(v string) error {
+			n, err := strconv.Atoi(v)
+			if err != nil {
+				return fmt.Errorf("not a number: %q", v)
+			}
+			overrides[name] = override{func(c *Config) error { set(c, n); return nil }}
+			return nil
+		})
+	}
+	dur := func(name, usageText string, set func(*Config, Duration)) {
+		fs.Func(name, usageText, func(v string) error {
+			d, err := time.ParseDuration(v)
+			if err != nil {
+				return fmt.Errorf("not a duration: %q", v)
+			}
+			overrides[name] = override{func(c *Config) error { set(c, Duration(d)); return nil }}
+			return nil
+		})
+	}
+	boolean := func(name, usageText string, set func(*Config, bool)) {
+		fs.BoolFunc(name, usageText, func(v string) error {
+			b, err := strconv.ParseBool(v)
+			if err != nil {
+				return fmt.Errorf("not a boolean: %q", v)
+			}
+			overrides[name] = override{func(c *Config) error { set(c, b); return nil }}
+			return nil
+		})
+	}
+
+	str("trust-domain", "trust domain (default "+DefaultTrustDomain+")", func(c *Config, v string) { c.TrustDomain = v })
+	str("state-dir", "state directory: CA material and CSI records (default "+DefaultStateDir+")", func(c *Config, v string) { c.StateDir = v })
+	str("proc-root", "host procfs as seen in the agent's PID namespace; security-sensitive (default $HOST_PROC or /proc)", func(c *Config, v string) { c.ProcRoot = v })
+	str("node-name", "this node's name (default $"+DefaultNodeNameEnv+")", func(c *Config, v string) { c.NodeName = v })
+	str("workload-api-socket-dir", "directory of the Workload API socket; bind-mounted into pods (default "+DefaultSocketDir+")", func(c *Config, v string) { c.WorkloadAPI.SocketDir = v })
+	str("workload-api-socket-name", "Workload API socket file name (default "+DefaultSocketName+")", func(c *Config, v string) { c.WorkloadAPI.SocketName = v })
+	str("csi-socket", "CSI endpoint socket; empty turns the CSI node plugin off", func(c *Config, v string) { c.CSI.Socket = v })
+	str("driver-name", "CSI driver name (default "+DefaultDriverName+")", func(c *Config, v string) { c.CSI.DriverName = v })
+	str("kubelet-root-dir", "kubelet root directory (default "+DefaultKubeletRootDir+")", func(c *Config, v string) { c.CSI.KubeletRootDir = v })
+	str("cross-check", "pod vs CSI mount record check: enforce, warn or off (default enforce)", func(c *Config, v string) { c.Kubernetes.CrossCheck = v })
+	str("kubelet-host", "kubelet host (default: the node name, then 127.0.0.1)", func(c *Config, v string) { c.Kubernetes.Kubelet.Host = v })
+	num("kubelet-port", "kubelet secure port (default 10250)", func(c *Config, v int) { c.Kubernetes.Kubelet.Port = v })
+	num("kubelet-read-only-port", "kubelet read-only port; non-zero uses plain HTTP instead of the secure port", func(c *Config, v int) { c.Kubernetes.Kubelet.ReadOnlyPort = v })
+	str("kubelet-token-file", "bearer token for the kubelet (default the service account token)", func(c *Config, v string) { c.Kubernetes.Kubelet.TokenFile = v })
+	str("kubelet-ca-file", "CA bundle that verifies the kubelet's serving certificate", func(c *Config, v string) { c.Kubernetes.Kubelet.CAFile = v })
+	str("kubelet-client-cert", "client certificate for the kubelet", func(c *Config, v string) { c.Kubernetes.Kubelet.ClientCertFile = v })
+	str("kubelet-client-key", "client key for the kubelet", func(c *Config, v string) { c.Kubernetes.Kubelet.ClientKeyFile = v })
+	boolean("kubelet-insecure-skip-verify", "do not verify the kubelet's serving certificate", func(c *Config, v bool) { c.Kubernetes.Kubelet.InsecureSkipVerify = v })
+	boolean("kubernetes", "Kubernetes workload attestation (default: on when CSI is on)", func(c *Config, v bool) { c.Kubernetes.Enabled = &v })
+	str("upstream-ca-cert", "upstream CA certificate (PEM); with --upstream-ca-key, agents share one trust anchor", func(c *Config, v string) { c.CA.UpstreamCertFile = v })
+	str("upstream-ca-key", "upstream CA private key (PEM)", func(c *Config, v string) { c.CA.UpstreamKeyFile = v })
+	dur("x509-svid-ttl", "X.509-SVID lifetime (default 1h)", func(c *Config, v Duration) { c.CA.X509SVIDTTL = v })
+	dur("jwt-svid-ttl", "JWT-SVID lifetime (default 5m)", func(c *Config, v Duration) { c.CA.JWTSVIDTTL = v })
+
+	if err := fs.Parse(args); err != nil {
+		return Default(), err
+	}
+	if fs.NArg() > 0 {
+		return Default(), fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+
+	cfg := Default()
+	if *configPath != "" {
+		var err error
+		if cfg, err = Load(*configPath); err != nil {
+			return cfg, err
+		}
+	}
+	if *dev {
+		applyDev(&cfg)
+	}
+	// Flags in the order given, so the last of a repeated flag wins.
+	var err error
+	fs.Visit(func(f *flag.Flag) {
+		if o, ok := overrides[f.Name]; ok && err == nil {
+			err = o.apply(&cfg)
+		}
+	})
+	if err != nil {
+		return cfg, err
+	}
+	if _, set := overrides["node-name"]; !set && cfg.NodeName == "" {
+		cfg.NodeName = getenv(DefaultNodeNameEnv)
+	}
+	if _, set := overrides["proc-root"]; !set && cfg.ProcRoot == DefaultProcRoot {
+		if p := getenv("HOST_PROC"); p != "" {
+			cfg.ProcRoot = p
+		}
+	}
+	if err := cfg.Validate(); err != nil {
+		return cfg, err
+	}
+	return cfg, nil
+}
+
+// applyDev points the agent at per-user temp dirs, turns CSI and Kubernetes
+// off, and, with no svids configured, issues the current user an identity.
+func applyDev(c *Config) {
+	c.Dev = true
+	if c.StateDir == DefaultStateDir {
+		c.StateDir = filepath.Join(devBase(), "state")
+	}
+	if c.WorkloadAPI.SocketDir == DefaultSocketDir {
+		c.WorkloadAPI.SocketDir = filepath.Join(devBase(), "sockets")
+	}
+	c.CSI.Socket = ""
+	off := false
+	c.Kubernetes.Enabled = &off
+	if len(c.SVIDs) == 0 {
+		uid := strconv.Itoa(os.Getuid())
+		c.SVIDs = []rules.SVID{{
+			SPIFFEID: "/unix/uid/{unix.uid}",
+			Rules:    []rules.Rule{{Match: map[string]string{"unix.uid": uid}}},
+		}}
+	}
+}
+
+func devBase() string {
+	return filepath.Join(os.TempDir(), fmt.Sprintf("csi-agent-dev-%d", os.Getuid()))
+}
+
+// DevSocketPath is where `run --dev` serves the Workload API by default.
+func DevSocketPath() string {
+	return filepath.Join(devBase(), "sockets", DefaultSocketName)
+}

@@ -1,0 +1,326 @@
+// Package identity caches the SVIDs the agent hands out, one per SPIFFE ID
+// and request shape, renews them at half life and tells subscribers when
+// anything they may hold has changed.
+package identity
+
+import (
+	"context"
+	"encoding/binary"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"k8s.io/klog/v2"
+	"k8s.io/utils/clock"
+
+	"github.com/csi-agent/csi-agent/internal/ca"
+)
+
+const (
+	// retryAfter spaces out renewals of an entry whose last renewal failed;
+	// meanwhile the still-valid SVID keeps being served.
+	retryAfter = 30 * time.Second
+
+	// maxJWTEntries bounds the JWT cache: audiences come from workloads, so
+	// a workload could otherwise grow it at will. Beyond it tokens are
+	// minted uncached.
+	maxJWTEntries = 4096
+
+	// touchGranularity limits how often the hot path writes lastUsed, so
+	// concurrent readers of one entry do not fight over its cache line.
+	touchGranularity = time.Second
+)
+
+// Options configures a Cache.
+type Options struct {
+	Clock clock.Clock // nil means the real clock
+}
+
+// Cache hands out SVIDs minted by an Authority, minting each (ID, DNS names)
+// or (ID, audience) combination once and renewing it at half its lifetime.
+// Returned SVIDs are shared between callers and must be treated as read-only.
+type Cache struct {
+	auth  *ca.Authority
+	clock clock.Clock
+
+	mu      sync.RWMutex
+	x509    table[*x509svid.SVID]
+	jwt     table[jwtToken]
+	changed chan struct{}
+
+	wake  chan struct{} // a new entry may move Run's next deadline
+	mints atomic.Int64  // minting calls made, for tests
+}
+
+type jwtToken struct {
+	token     string
+	expiresAt time.Time
+}
+
+// request is what an entry is minted from: DNS names for X.509-SVIDs, the
+// audience for JWT-SVIDs.
+type request struct {
+	id    spiffeid.ID
+	extra []string
+}
+
+type key struct {
+	id, extra string
+}
+
+type entry[V any] struct {
+	req       request
+	val       V
+	mintedAt  time.Time
+	refreshAt time.Time // half life, or a retry time after a failed renewal
+	expiresAt time.Time
+	lastUsed  atomic.Int64 // unix nanoseconds of the last request
+}
+
+func (e *entry[V]) lifetime() time.Duration { return e.expiresAt.Sub(e.mintedAt) }
+
+func (e *entry[V]) touch(now time.Time) {
+	n := now.UnixNano()
+	if n-e.lastUsed.Load() >= int64(touchGranularity) {
+		e.lastUsed.Store(n)
+	}
+}
+
+type flight[V any] struct {
+	done  chan struct{}
+	entry *entry[V]
+	err   error
+}
+
+type table[V any] struct {
+	entries map[key]*entry[V]
+	flights map[key]*flight[V]
+	mint    func(ctx context.Context, req request) (V, time.Time, error)
+	limit   int // 0: unlimited
+	// notifyOnRenew: subscribers hold these values and must re-read them.
+	notifyOnRenew bool
+}
+
+// New returns an empty cache in front of auth.
+func New(auth *ca.Authority, opts Options) *Cache {
+	c := &Cache{
+		auth:    auth,
+		clock:   opts.Clock,
+		changed: make(chan struct{}),
+		wake:    make(chan struct{}, 1),
+	}
+	if c.clock == nil {
+		c.clock = clock.RealClock{}
+	}
+	c.x509 = table[*x509svid.SVID]{
+		entries:       map[key]*entry[*x509svid.SVID]{},
+		flights:       map[key]*flight[*x509svid.SVID]{},
+		mint:          c.mintX509,
+		notifyOnRenew: true,
+	}
+	c.jwt = table[jwtToken]{
+		entries: map[key]*entry[jwtToken]{},
+		flights: map[key]*flight[jwtToken]{},
+		mint:    c.mintJWT,
+		limit:   maxJWTEntries,
+	}
+	return c
+}
+
+// X509SVID returns the cached X.509-SVID for id and dnsNames (order, case and
+// duplicates of the names do not matter), minting it on first use or once
+// past half its lifetime.
+func (c *Cache) X509SVID(ctx context.Context, id spiffeid.ID, dnsNames []string) (*x509svid.SVID, error) {
+	return get(ctx, c, &c.x509, key{id.String(), canonical(dnsNames, true)}, request{id, dnsNames})
+}
+
+// JWTSVID returns a cached JWT-SVID for id and the audience set, minting one
+// on first use or once past half its lifetime.
+func (c *Cache) JWTSVID(ctx context.Context, id spiffeid.ID, audience []string) (string, time.Time, error) {
+	t, err := get(ctx, c, &c.jwt, key{id.String(), canonical(audience, false)}, request{id, audience})
+	return t.token, t.expiresAt, err
+}
+
+// Changed returns a channel closed on the next change subscribers must react
+// to: a cached X.509-SVID was renewed, the bundle or signing intermediate
+// changed (while Run runs), or Notify was called. Call it again after it fires.
+func (c *Cache) Changed() <-chan struct{} {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return c.changed
+}
+
+// Notify fires Changed, for example after a configuration reload.
+func (c *Cache) Notify() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	close(c.changed)
+	c.changed = make(chan struct{})
+}
+
+func get[V any](ctx context.Context, c *Cache, t *table[V], k key, req request) (V, error) {
+	now := c.clock.Now()
+	c.mu.RLock()
+	e := t.entries[k]
+	c.mu.RUnlock()
+	if e != nil && now.Before(e.refreshAt) {
+		e.touch(now)
+		return e.val, nil
+	}
+	e, renewed, err := renew(ctx, c, t, k, req, true)
+	if err != nil {
+		var zero V
+		return zero, err
+	}
+	if renewed && t.notifyOnRenew {
+		c.Notify()
+	}
+	return e.val, nil
+}
+
+// renew mints the entry for k once, however many goroutines ask at the same
+// time; the others wait for that one result. A failed renewal falls back to
+// the previous SVID while it is still valid. used says whether a workload
+// asked (as opposed to Run renewing ahead of time). renewed reports that
+// this call replaced an existing value; the caller fires Changed.
+func renew[V any](ctx context.Context, c *Cache, t *table[V], k key, req request, used bool) (_ *entry[V], renewed bool, _ error) {
+	c.mu.Lock()
+	old := t.entries[k]
+	if now := c.clock.Now(); old != nil && now.Before(old.refreshAt) {
+		// Someone renewed it while we were getting here.
+		c.mu.Unlock()
+		if used {
+			old.touch(now)
+		}
+		return old, false, nil
+	}
+	if f, ok := t.flights[k]; ok {
+		c.mu.Unlock()
+		select {
+		case <-f.done:
+		case <-ctx.Done():
+			return nil, false, ctx.Err()
+		}
+		if f.err == nil && used {
+			f.entry.touch(c.clock.Now())
+		}
+		return f.entry, false, f.err
+	}
+	f := &flight[V]{done: make(chan struct{})}
+	t.flights[k] = f
+	c.mu.Unlock()
+
+	// The mint must not fail for the waiters because this caller gave up.
+	val, expiresAt, err := t.mint(context.WithoutCancel(ctx), req)
+	c.mints.Add(1)
+	now := c.clock.Now()
+
+	c.mu.Lock()
+	var e *entry[V]
+	switch {
+	case err == nil:
+		e = &entry[V]{req: req, val: val, mintedAt: now, expiresAt: expiresAt}
+		e.refreshAt = now.Add(e.lifetime() / 2)
+		if old != nil {
+			e.lastUsed.Store(old.lastUsed.Load())
+			renewed = true
+		} else {
+			e.lastUsed.Store(now.UnixNano())
+		}
+		if t.limit == 0 || old != nil || len(t.entries) < t.limit {
+			t.entries[k] = e
+		}
+	case old != nil && now.Before(old.expiresAt):
+		klog.ErrorS(err, "Renewing SVID failed; serving the previous one until it expires",
+			"spiffeID", req.id, "expiresAt", old.expiresAt, "retryIn", retryAfter)
+		e = &entry[V]{req: old.req, val: old.val, mintedAt: old.mintedAt, expiresAt: old.expiresAt}
+		e.refreshAt = minTime(now.Add(retryAfter), old.expiresAt)
+		e.lastUsed.Store(old.lastUsed.Load())
+		t.entries[k] = e
+		err = nil
+	case old != nil:
+		delete(t.entries, k)
+	}
+	if used && e != nil {
+		e.touch(now)
+	}
+	delete(t.flights, k)
+	f.entry, f.err = e, err
+	c.mu.Unlock()
+	close(f.done)
+
+	if err == nil && old == nil {
+		select {
+		case c.wake <- struct{}{}:
+		default:
+		}
+	}
+	return e, renewed, err
+}
+
+func (c *Cache) mintX509(ctx context.Context, req request) (*x509svid.SVID, time.Time, error) {
+	svid, err := c.auth.MintX509SVID(ctx, req.id, req.extra)
+	if err != nil {
+		return nil, time.Time{}, err
+	}
+	leaf := svid.Certificates[0]
+	klog.V(2).InfoS("Minted X.509-SVID", "spiffeID", req.id, "dnsNames", req.extra,
+		"serial", leaf.SerialNumber.Text(16), "notAfter", leaf.NotAfter)
+	return svid, leaf.NotAfter, nil
+}
+
+func (c *Cache) mintJWT(ctx context.Context, req request) (jwtToken, time.Time, error) {
+	token, exp, err := c.auth.MintJWTSVID(ctx, req.id, req.extra)
+	if err != nil {
+		return jwtToken{}, time.Time{}, err
+	}
+	klog.V(2).InfoS("Minted JWT-SVID", "spiffeID", req.id, "audience", req.extra, "expiresAt", exp)
+	return jwtToken{token, exp}, exp, nil
+}
+
+// canonical encodes a set of strings as a map key: sorted, deduplicated and
+// length-prefixed so that no two different sets share a key. DNS names are
+// compared case-insensitively and without a trailing dot, as the CA issues
+// them.
+func canonical(vals []string, dns bool) string {
+	switch len(vals) {
+	case 0:
+		return ""
+	case 1:
+		if !dns {
+			return lengthPrefixed(vals)
+		}
+	}
+	vs := slices.Clone(vals)
+	if dns {
+		for i, v := range vs {
+			vs[i] = strings.TrimSuffix(strings.ToLower(v), ".")
+		}
+	}
+	slices.Sort(vs)
+	return lengthPrefixed(slices.Compact(vs))
+}
+
+func lengthPrefixed(vs []string) string {
+	n := 0
+	for _, v := range vs {
+		n += binary.MaxVarintLen64 + len(v)
+	}
+	b := make([]byte, 0, n)
+	for _, v := range vs {
+		b = binary.AppendUvarint(b, uint64(len(v)))
+		b = append(b, v...)
+	}
+	return string(b)
+}
+
+func minTime(a, b time.Time) time.Time {
+	if a.Before(b) {
+		return a
+	}
+	return b
+}

@@ -1,0 +1,111 @@
+package identity
+
+import (
+	"context"
+	"time"
+
+	"k8s.io/klog/v2"
+)
+
+// Run renews cached X.509-SVIDs at half life ahead of demand, evicts entries
+// nobody asked for during a whole lifetime (and expired ones), and forwards
+// the authority's changes to Changed, until ctx is done; then it returns nil.
+func (c *Cache) Run(ctx context.Context) error {
+	authChanged := c.auth.Changed()
+	for {
+		next, renewed := c.sweep(ctx)
+		if renewed > 0 {
+			klog.V(2).InfoS("Renewed X.509-SVIDs at half life", "count", renewed)
+			c.Notify()
+		}
+		if ctx.Err() != nil {
+			return nil
+		}
+		now := c.clock.Now()
+		if !next.IsZero() && !next.After(now) {
+			continue
+		}
+		var timerC <-chan time.Time
+		stop := func() {}
+		if !next.IsZero() {
+			t := c.clock.NewTimer(next.Sub(now))
+			timerC, stop = t.C(), func() { t.Stop() }
+		}
+		select {
+		case <-ctx.Done():
+			stop()
+			return nil
+		case <-authChanged:
+			// Re-subscribe before telling anyone, so no change slips between.
+			authChanged = c.auth.Changed()
+			c.Notify()
+		case <-c.wake:
+		case <-timerC:
+		}
+		stop()
+	}
+}
+
+type due struct {
+	k   key
+	req request
+}
+
+// sweep evicts, renews what is due and returns the next deadline (zero when
+// the cache is empty).
+func (c *Cache) sweep(ctx context.Context) (next time.Time, renewed int) {
+	now := c.clock.Now()
+	c.mu.Lock()
+	dueX509, nextX509 := sweepTable(&c.x509, now, "X.509-SVID", true)
+	_, nextJWT := sweepTable(&c.jwt, now, "JWT-SVID", false)
+	c.mu.Unlock()
+	next = earliest(nextX509, nextJWT)
+
+	for _, d := range dueX509 {
+		if ctx.Err() != nil {
+			break
+		}
+		e, ok, err := renew(ctx, c, &c.x509, d.k, d.req, false)
+		if ok {
+			renewed++
+		}
+		if err == nil && e != nil {
+			next = earliest(next, e.refreshAt)
+		}
+	}
+	return next, renewed
+}
+
+// sweepTable drops expired and idle entries, collects entries past their
+// refresh time when renewDue, and returns the earliest future deadline.
+func sweepTable[V any](t *table[V], now time.Time, kind string, renewDue bool) (dues []due, next time.Time) {
+	for k, e := range t.entries {
+		idleUntil := time.Unix(0, e.lastUsed.Load()).Add(e.lifetime())
+		if !now.Before(e.expiresAt) || !now.Before(idleUntil) {
+			delete(t.entries, k)
+			klog.V(2).InfoS("Evicted cached SVID", "kind", kind, "spiffeID", e.req.id, "expired", !now.Before(e.expiresAt))
+			continue
+		}
+		next = earliest(next, earliest(idleUntil, e.expiresAt))
+		if !renewDue {
+			continue
+		}
+		if now.Before(e.refreshAt) {
+			next = earliest(next, e.refreshAt)
+		} else {
+			dues = append(dues, due{k, e.req})
+		}
+	}
+	return dues, next
+}
+
+// earliest of two deadlines, where zero means none.
+func earliest(a, b time.Time) time.Time {
+	switch {
+	case a.IsZero():
+		return b
+	case b.IsZero() || a.Before(b):
+		return a
+	}
+	return b
+}

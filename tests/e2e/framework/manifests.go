@@ -1,0 +1,226 @@
+package framework
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/discovery"
+	"k8s.io/client-go/discovery/cached/memory"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/restmapper"
+	"sigs.k8s.io/kustomize/api/krusty"
+	"sigs.k8s.io/kustomize/kyaml/filesys"
+	"sigs.k8s.io/yaml"
+)
+
+// Kustomize builds a kustomization directory into objects.
+func Kustomize(dir string) ([]*unstructured.Unstructured, error) {
+	m, err := krusty.MakeKustomizer(krusty.MakeDefaultOptions()).Run(filesys.MakeFsOnDisk(), dir)
+	if err != nil {
+		return nil, fmt.Errorf("kustomize %s: %w", dir, err)
+	}
+	var objs []*unstructured.Unstructured
+	for _, r := range m.Resources() {
+		mp, err := r.Map()
+		if err != nil {
+			return nil, err
+		}
+		objs = append(objs, &unstructured.Unstructured{Object: mp})
+	}
+	return objs, nil
+}
+
+// Applier applies objects with server-side apply and strict field
+// validation, so an unknown or misplaced field is an error, not a warning.
+type Applier struct {
+	dyn    dynamic.Interface
+	mapper meta.RESTMapper
+}
+
+func NewApplier(cfg *rest.Config) (*Applier, error) {
+	dyn, err := dynamic.NewForConfig(cfg)
+	if err != nil {
+		return nil, err
+	}
+	disco, err := discovery.NewDiscoveryClientForConfig(cfg)
+	if err != nil {
+		return nil, err
+	}
+	return &Applier{dyn: dyn, mapper: restmapper.NewDeferredDiscoveryRESTMapper(memory.NewMemCacheClient(disco))}, nil
+}
+
+// Apply applies one object; dryRun asks the API server to run every
+// admission and validation step and persist nothing.
+func (a *Applier) Apply(ctx context.Context, obj *unstructured.Unstructured, dryRun bool) error {
+	gvk := obj.GroupVersionKind()
+	m, err := a.mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
+	if err != nil {
+		return fmt.Errorf("%s %s: %w", gvk.Kind, obj.GetName(), err)
+	}
+	var ri dynamic.ResourceInterface = a.dyn.Resource(m.Resource)
+	if m.Scope.Name() == meta.RESTScopeNameNamespace {
+		ri = a.dyn.Resource(m.Resource).Namespace(obj.GetNamespace())
+	}
+	data, err := json.Marshal(obj)
+	if err != nil {
+		return err
+	}
+	force := true
+	opts := metav1.PatchOptions{FieldManager: "csi-agent-e2e", Force: &force, FieldValidation: "Strict"}
+	if dryRun {
+		opts.DryRun = []string{metav1.DryRunAll}
+	}
+	if _, err := ri.Patch(ctx, obj.GetName(), types.ApplyPatchType, data, opts); err != nil {
+		mode := "apply"
+		if dryRun {
+			mode = "server-side dry-run"
+		}
+		return fmt.Errorf("%s %s %s/%s: %w", mode, gvk.Kind, obj.GetNamespace(), obj.GetName(), err)
+	}
+	return nil
+}
+
+// Find returns the object of the given kind and name.
+func Find(objs []*unstructured.Unstructured, kind, name string) (*unstructured.Unstructured, error) {
+	for _, o := range objs {
+		if o.GetKind() == kind && o.GetName() == name {
+			return o, nil
+		}
+	}
+	return nil, fmt.Errorf("no %s %q in the manifests", kind, name)
+}
+
+// runsPods tells whether applying the object for real would need a controller
+// this node does not run; such objects are only dry-run.
+func runsPods(o *unstructured.Unstructured) bool {
+	switch o.GetKind() {
+	case "DaemonSet", "Deployment", "StatefulSet", "ReplicaSet", "Job", "Pod":
+		return true
+	}
+	return false
+}
+
+// AgentConfig returns the agent's config.yaml from the deploy ConfigMap with
+// the e2e's overrides applied (top-level keys replaced).
+func AgentConfig(objs []*unstructured.Unstructured, overrides map[string]any) (map[string]any, error) {
+	cm, err := Find(objs, "ConfigMap", AgentConfigMap)
+	if err != nil {
+		return nil, err
+	}
+	raw, _, _ := unstructured.NestedString(cm.Object, "data", "config.yaml")
+	if raw == "" {
+		return nil, fmt.Errorf("ConfigMap %s has no config.yaml", AgentConfigMap)
+	}
+	cfg := map[string]any{}
+	if err := yaml.Unmarshal([]byte(raw), &cfg); err != nil {
+		return nil, fmt.Errorf("ConfigMap %s config.yaml: %w", AgentConfigMap, err)
+	}
+	for k, v := range overrides {
+		if v == nil {
+			delete(cfg, k)
+			continue
+		}
+		if sub, ok := v.(map[string]any); ok {
+			if cur, ok := cfg[k].(map[string]any); ok {
+				for sk, sv := range sub {
+					cur[sk] = sv
+				}
+				continue
+			}
+		}
+		cfg[k] = v
+	}
+	return cfg, nil
+}
+
+// StaticAgentPod turns the DaemonSet's pod template into a static pod, the
+// way this node can run it without a DaemonSet controller: a static (mirror)
+// pod may not use a service account, a ConfigMap or a projected token, so
+// those become hostPath volumes at the same mount paths, holding the same
+// config and a token from the TokenRequest API. Paths are rewritten with
+// the replacer so the agent sees the node's directories at their host paths.
+func StaticAgentPod(objs []*unstructured.Unstructured, configDir, tokenDir string, paths *strings.Replacer) ([]byte, error) {
+	u, err := Find(objs, "DaemonSet", AgentDaemonSet)
+	if err != nil {
+		return nil, err
+	}
+	var ds appsv1.DaemonSet
+	if err := runtimeConvert(u, &ds); err != nil {
+		return nil, err
+	}
+	spec := ds.Spec.Template.Spec
+	spec.ServiceAccountName = ""
+	spec.DeprecatedServiceAccount = ""
+	no := false
+	spec.AutomountServiceAccountToken = &no
+	dirType := corev1.HostPathDirectory
+	for i, v := range spec.Volumes {
+		if v.ConfigMap != nil && v.ConfigMap.Name == AgentConfigMap {
+			spec.Volumes[i].VolumeSource = corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: configDir, Type: &dirType}}
+		}
+	}
+	spec.Volumes = append(spec.Volumes, corev1.Volume{Name: "sa-token", VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: tokenDir, Type: &dirType}}})
+	for i := range spec.Containers {
+		spec.Containers[i].VolumeMounts = append(spec.Containers[i].VolumeMounts, corev1.VolumeMount{
+			Name: "sa-token", MountPath: "/var/run/secrets/kubernetes.io/serviceaccount", ReadOnly: true,
+		})
+	}
+	pod := corev1.Pod{
+		TypeMeta:   metav1.TypeMeta{APIVersion: "v1", Kind: "Pod"},
+		ObjectMeta: metav1.ObjectMeta{Name: ds.Name, Namespace: ds.Namespace, Labels: ds.Spec.Template.Labels, Annotations: ds.Spec.Template.Annotations},
+		Spec:       spec,
+	}
+	out, err := yaml.Marshal(pod)
+	if err != nil {
+		return nil, err
+	}
+	return []byte(paths.Replace(string(out))), nil
+}
+
+func runtimeConvert(u *unstructured.Unstructured, into any) error {
+	b, err := json.Marshal(u.Object)
+	if err != nil {
+		return err
+	}
+	return json.Unmarshal(b, into)
+}
+
+// UpstreamCAOverlay writes a kustomization that adds the upstream-ca
+// component, with a fresh CA, on top of deployDir; it returns its directory.
+func UpstreamCAOverlay(deployDir, tmp string) (string, error) {
+	comp := filepath.Join(tmp, "upstream-ca")
+	if err := os.MkdirAll(comp, 0o755); err != nil {
+		return "", err
+	}
+	src, err := os.ReadFile(filepath.Join(deployDir, "components", "upstream-ca", "kustomization.yaml"))
+	if err != nil {
+		return "", err
+	}
+	if err := os.WriteFile(filepath.Join(comp, "kustomization.yaml"), src, 0o644); err != nil {
+		return "", err
+	}
+	ca, err := newCA("csi-agent-e2e-upstream")
+	if err != nil {
+		return "", err
+	}
+	if err := ca.write(comp, "tls"); err != nil {
+		return "", err
+	}
+	overlay := filepath.Join(tmp, "overlay")
+	if err := os.MkdirAll(overlay, 0o755); err != nil {
+		return "", err
+	}
+	k := fmt.Sprintf("apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [%q]\ncomponents: [%q]\n", deployDir, comp)
+	return overlay, os.WriteFile(filepath.Join(overlay, "kustomization.yaml"), []byte(k), 0o644)
+}
