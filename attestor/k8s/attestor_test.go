@@ -664,3 +664,26 @@ func (c *podCache) idle() bool {
 	defer c.mu.Unlock()
 	return c.inflight == nil
 }
+
+// A request that fails before its starter looks again must still be that
+// caller's answer: no second request, no waiting for the interval.
+func TestAttestFastFailureIsTheStartersAnswer(t *testing.T) {
+	fc := clocktesting.NewFakeClock(time.Unix(1700000000, 0))
+	procs := newProcRoot(t)
+	procs.put(7, uidN(1), cidN(1))
+	store := openRecords(t, recordFor(newPod("shop", "web", uidN(1), "sa")))
+	cause := errors.New("connection refused")
+	for i := 0; i < 50; i++ {
+		a := newAttestor(t, Options{ProcRoot: procs.dir, Records: store, Clock: fc,
+			Pods: &fakeLister{clock: fc, answer: func(int) ([]byte, error) { return nil, cause }}})
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_, err := a.Attest(ctx, 7)
+		cancel()
+		if !errors.Is(err, cause) {
+			t.Fatalf("attempt %d: err = %v, want the request's error", i, err)
+		}
+		if n := a.KubeletRequests(); n != 1 {
+			t.Fatalf("attempt %d: %d requests, want 1", i, n)
+		}
+	}
+}

@@ -125,8 +125,16 @@ func BenchmarkAttest100Concurrent110Pods(b *testing.B) {
 		b.Run(mode, func(b *testing.B) {
 			k, a, pids := benchSetup(b)
 			client := a.cache.lister
+			// One burst first, so the TLS handshake is not in the numbers.
+			for _, pid := range pids {
+				if _, err := a.Attest(context.Background(), pid); err != nil {
+					b.Fatal(err)
+				}
+			}
+			served := k.requests.Load()
 			var latencies []time.Duration
 			var requests uint64
+			uncounted := a.KubeletRequests() // the warm-up's
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
 				if mode == "cold" {
@@ -134,7 +142,8 @@ func BenchmarkAttest100Concurrent110Pods(b *testing.B) {
 					if err != nil {
 						b.Fatal(err)
 					}
-					requests += a.KubeletRequests()
+					requests += a.KubeletRequests() - uncounted
+					uncounted = 0
 					a = fresh
 				}
 				lat := make([]time.Duration, len(pids))
@@ -154,7 +163,7 @@ func BenchmarkAttest100Concurrent110Pods(b *testing.B) {
 				latencies = append(latencies, lat...)
 			}
 			b.StopTimer()
-			requests += a.KubeletRequests()
+			requests += a.KubeletRequests() - uncounted
 			sort.Slice(latencies, func(i, j int) bool { return latencies[i] < latencies[j] })
 			pct := func(p float64) float64 {
 				return float64(latencies[int(p*float64(len(latencies)-1))].Microseconds()) / 1000
@@ -162,7 +171,7 @@ func BenchmarkAttest100Concurrent110Pods(b *testing.B) {
 			b.ReportMetric(pct(0.50), "p50-ms")
 			b.ReportMetric(pct(0.99), "p99-ms")
 			b.ReportMetric(float64(requests)/float64(b.N), "kubelet-req/burst")
-			b.ReportMetric(float64(k.requests.Load())/float64(b.N), "served-req/burst")
+			b.ReportMetric(float64(k.requests.Load()-served)/float64(b.N), "served-req/burst")
 		})
 	}
 }

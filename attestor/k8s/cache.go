@@ -56,30 +56,34 @@ func (c *podCache) newerThan(ctx context.Context, gen uint64, deadline time.Time
 			c.mu.Unlock()
 			return l, nil
 		}
-		if f := c.inflight; f != nil {
-			c.mu.Unlock()
-			if err := c.waitFor(ctx, f.done, deadline); err != nil {
-				return nil, err
+		f := c.inflight
+		if f == nil {
+			now := c.clock.Now()
+			if next := c.lastStart.Add(c.minInterval); c.started && now.Before(next) {
+				c.mu.Unlock()
+				if err := c.sleepUntil(ctx, next, deadline); err != nil {
+					return nil, err
+				}
+				continue
 			}
-			if f.err != nil {
-				return nil, f.err
-			}
-			continue
+			f = &fetch{done: make(chan struct{})}
+			c.inflight, c.lastStart, c.started = f, now, true
+			// The request belongs to every waiter, not to this caller: it runs on
+			// its own so one caller giving up does not cancel it for the others.
+			go c.run(f, now)
 		}
-		now := c.clock.Now()
-		if next := c.lastStart.Add(c.minInterval); c.started && now.Before(next) {
-			c.mu.Unlock()
-			if err := c.sleepUntil(ctx, next, deadline); err != nil {
-				return nil, err
-			}
-			continue
-		}
-		f := &fetch{done: make(chan struct{})}
-		c.inflight, c.lastStart, c.started = f, now, true
 		c.mu.Unlock()
-		// The request belongs to every waiter, not to this caller: it runs on
-		// its own so one caller giving up does not cancel it for the others.
-		go c.run(f, now)
+		// Wait on this very request, so its outcome (an error above all) is
+		// the caller's even when it ends before the caller looks again.
+		if err := c.waitFor(ctx, f.done, deadline); err != nil {
+			return nil, err
+		}
+		if f.err != nil {
+			return nil, f.err
+		}
+		if f.list.gen > gen {
+			return f.list, nil
+		}
 	}
 }
 

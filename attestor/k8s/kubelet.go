@@ -32,9 +32,10 @@ const (
 	DefaultKubeletPort = 10250
 	// DefaultTokenFile is the agent's own service account token.
 	DefaultTokenFile = "/var/run/secrets/kubernetes.io/serviceaccount/token"
-	// NodeNameEnv is read for the node name when KubeletConfig.NodeName is empty
-	// (set it from the downward API: spec.nodeName).
-	NodeNameEnv = "MY_NODE_NAME"
+	// DefaultNodeNameEnv is the environment variable read for the node name
+	// when KubeletConfig.NodeName is empty (the DaemonSet sets it from the
+	// downward API, spec.nodeName).
+	DefaultNodeNameEnv = "MY_NODE_NAME"
 	// DefaultKubeletTimeout bounds one GET /pods, connection included.
 	DefaultKubeletTimeout = 10 * time.Second
 
@@ -46,8 +47,10 @@ const (
 type KubeletConfig struct {
 	// NodeName is the name the kubelet's serving certificate is checked
 	// against when Host is an IP address (the default 127.0.0.1). Empty: the
-	// environment variable NodeNameEnv.
+	// environment variable named by NodeNameEnv.
 	NodeName string
+	// NodeNameEnv names that variable; default DefaultNodeNameEnv.
+	NodeNameEnv string
 	// Host to dial; default 127.0.0.1 (the agent runs with the host network).
 	// A DNS name here is also the name the serving certificate must carry.
 	Host string
@@ -91,8 +94,11 @@ type KubeletClient struct {
 // NewKubeletClient checks cfg and loads its credentials once, so that a
 // missing or broken file is reported at start rather than on first use.
 func NewKubeletClient(cfg KubeletConfig) (*KubeletClient, error) {
+	if cfg.NodeNameEnv == "" {
+		cfg.NodeNameEnv = DefaultNodeNameEnv
+	}
 	if cfg.NodeName == "" {
-		cfg.NodeName = os.Getenv(NodeNameEnv)
+		cfg.NodeName = os.Getenv(cfg.NodeNameEnv)
 	}
 	if cfg.Host == "" {
 		cfg.Host = "127.0.0.1"
@@ -179,7 +185,7 @@ func NewKubeletClient(cfg KubeletConfig) (*KubeletClient, error) {
 		ServerName: c.serverName,
 		// Verification is done in verifyServer against the CA as it is now,
 		// so a rotated CA file takes effect without a restart.
-		InsecureSkipVerify: true, //nolint:gosec // verified in VerifyConnection unless skip-verify was asked for
+		InsecureSkipVerify: true, // verified in VerifyConnection, unless skip-verify was asked for
 	}
 	if !cfg.InsecureSkipVerify {
 		tlsConfig.VerifyConnection = c.verifyServer
@@ -194,7 +200,7 @@ func NewKubeletClient(cfg KubeletConfig) (*KubeletClient, error) {
 	return c, nil
 }
 
-// NodeName is the node name in use: from the config or NodeNameEnv.
+// NodeName is the node name in use: from the config or the environment.
 func (c *KubeletClient) NodeName() string { return c.nodeName }
 
 // URL is the address the pod list is fetched from.

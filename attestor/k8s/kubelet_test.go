@@ -160,7 +160,7 @@ func TestKubeletClientCARotation(t *testing.T) {
 func TestKubeletClientServerNameIsNodeName(t *testing.T) {
 	// The serving certificate names only the node, not 127.0.0.1.
 	k, caFile, tokenFile := secureKubelet(t, false)
-	t.Setenv(NodeNameEnv, "")
+	t.Setenv(DefaultNodeNameEnv, "")
 
 	c := mustClient(t, KubeletConfig{NodeName: "node-a", Port: k.port(), CAFile: caFile, TokenFile: tokenFile})
 	if !strings.HasPrefix(c.URL(), "https://127.0.0.1:") {
@@ -178,12 +178,17 @@ func TestKubeletClientServerNameIsNodeName(t *testing.T) {
 	}
 
 	// The node name from the environment, as the DaemonSet sets it.
-	t.Setenv(NodeNameEnv, "node-a")
+	t.Setenv(DefaultNodeNameEnv, "node-a")
 	c = mustClient(t, KubeletConfig{Port: k.port(), CAFile: caFile, TokenFile: tokenFile})
 	if c.NodeName() != "node-a" {
 		t.Fatalf("NodeName() = %q", c.NodeName())
 	}
 	listOK(t, c)
+	t.Setenv("CSI_AGENT_TEST_NODE", "node-a")
+	c = mustClient(t, KubeletConfig{NodeNameEnv: "CSI_AGENT_TEST_NODE", Port: k.port(), CAFile: caFile, TokenFile: tokenFile})
+	if c.NodeName() != "node-a" {
+		t.Fatalf("NodeName() from NodeNameEnv = %q", c.NodeName())
+	}
 }
 
 func TestKubeletClientCertificate(t *testing.T) {

@@ -93,6 +93,8 @@ func Run(ctx context.Context, cfg config.Config, opts Options) error {
 		WorkloadPath:   cfg.Unix.WorkloadPath,
 		WorkloadSHA256: cfg.Unix.WorkloadSHA256,
 		MaxBinarySize:  cfg.Unix.MaxBinarySize,
+		PasswdFile:     cfg.Unix.PasswdFile,
+		GroupFile:      cfg.Unix.GroupFile,
 	})}
 	if cfg.KubernetesEnabled() {
 		k := cfg.Kubernetes.Kubelet

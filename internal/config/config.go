@@ -109,6 +109,10 @@ type Unix struct {
 	WorkloadPath   bool  `json:"workloadPath"`
 	WorkloadSHA256 bool  `json:"workloadSHA256"`
 	MaxBinarySize  int64 `json:"maxBinarySize"`
+	// PasswdFile and GroupFile resolve user and group names; in a container
+	// point them at the host's files (e.g. /host/etc/passwd).
+	PasswdFile string `json:"passwdFile"`
+	GroupFile  string `json:"groupFile"`
 }
 
 // Duration is a time.Duration written as "90s", "1h".

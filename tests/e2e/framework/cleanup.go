@@ -223,12 +223,22 @@ func killShims(ctrdState string) error {
 	return errors.Join(errs...)
 }
 
-type mountInfo struct {
-	MountPoint, FSType, Source string
-	Root                       string
+// Mount is one line of /proc/<pid>/mountinfo.
+type Mount struct {
+	Root, MountPoint, Options, FSType, Source string
 }
 
-func readMountinfo(path string) []mountInfo {
+// ReadOnly reports the per-mount read-only flag.
+func (m Mount) ReadOnly() bool {
+	for _, o := range strings.Split(m.Options, ",") {
+		if o == "ro" {
+			return true
+		}
+	}
+	return false
+}
+
+func readMountinfo(path string) []Mount {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil
@@ -237,8 +247,8 @@ func readMountinfo(path string) []mountInfo {
 	return parseMountinfo(bufio.NewScanner(f))
 }
 
-func parseMountinfo(sc *bufio.Scanner) []mountInfo {
-	var out []mountInfo
+func parseMountinfo(sc *bufio.Scanner) []Mount {
+	var out []Mount
 	for sc.Scan() {
 		f := strings.Fields(sc.Text())
 		sep := -1
@@ -248,10 +258,10 @@ func parseMountinfo(sc *bufio.Scanner) []mountInfo {
 				break
 			}
 		}
-		if len(f) < 5 || sep < 0 || len(f) < sep+3 {
+		if len(f) < 6 || sep < 0 || len(f) < sep+3 {
 			continue
 		}
-		out = append(out, mountInfo{Root: unescape(f[3]), MountPoint: unescape(f[4]), FSType: f[sep+1], Source: unescape(f[sep+2])})
+		out = append(out, Mount{Root: unescape(f[3]), MountPoint: unescape(f[4]), Options: f[5], FSType: f[sep+1], Source: unescape(f[sep+2])})
 	}
 	return out
 }

@@ -155,8 +155,12 @@ func StaticAgentPod(objs []*unstructured.Unstructured, configDir, tokenDir strin
 	if err != nil {
 		return nil, err
 	}
+	raw, err := json.Marshal(u.Object)
+	if err != nil {
+		return nil, err
+	}
 	var ds appsv1.DaemonSet
-	if err := runtimeConvert(u, &ds); err != nil {
+	if err := json.Unmarshal([]byte(paths.Replace(string(raw))), &ds); err != nil {
 		return nil, err
 	}
 	spec := ds.Spec.Template.Spec
@@ -181,19 +185,7 @@ func StaticAgentPod(objs []*unstructured.Unstructured, configDir, tokenDir strin
 		ObjectMeta: metav1.ObjectMeta{Name: ds.Name, Namespace: ds.Namespace, Labels: ds.Spec.Template.Labels, Annotations: ds.Spec.Template.Annotations},
 		Spec:       spec,
 	}
-	out, err := yaml.Marshal(pod)
-	if err != nil {
-		return nil, err
-	}
-	return []byte(paths.Replace(string(out))), nil
-}
-
-func runtimeConvert(u *unstructured.Unstructured, into any) error {
-	b, err := json.Marshal(u.Object)
-	if err != nil {
-		return err
-	}
-	return json.Unmarshal(b, into)
+	return yaml.Marshal(pod)
 }
 
 // UpstreamCAOverlay writes a kustomization that adds the upstream-ca
@@ -221,6 +213,11 @@ func UpstreamCAOverlay(deployDir, tmp string) (string, error) {
 	if err := os.MkdirAll(overlay, 0o755); err != nil {
 		return "", err
 	}
-	k := fmt.Sprintf("apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [%q]\ncomponents: [%q]\n", deployDir, comp)
+	// kustomize takes only relative paths to other kustomizations.
+	rel, err := filepath.Rel(overlay, deployDir)
+	if err != nil {
+		return "", err
+	}
+	k := fmt.Sprintf("apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [%q]\ncomponents: [../upstream-ca]\n", rel)
 	return overlay, os.WriteFile(filepath.Join(overlay, "kustomization.yaml"), []byte(k), 0o644)
 }

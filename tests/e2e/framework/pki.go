@@ -139,9 +139,16 @@ func writePKI(dir string) error {
 			return fmt.Errorf("issue %s: %w", name, err)
 		}
 	}
-	// Service-account token signing key; the public half is derived by the API server.
+	// Service-account token signing key pair.
 	saKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
+		return err
+	}
+	pub, err := x509.MarshalPKIXPublicKey(&saKey.PublicKey)
+	if err != nil {
+		return err
+	}
+	if err := writePEM(filepath.Join(dir, "sa.pub"), "PUBLIC KEY", pub); err != nil {
 		return err
 	}
 	return writeKey(filepath.Join(dir, "sa.key"), saKey)
