@@ -63,10 +63,13 @@ func newEnvWithMounter(t testing.TB, m mount.Interface) *env {
 // openDriver opens the store and a Driver afresh, as a restarted agent does.
 func (e *env) openDriver(t testing.TB, m mount.Interface) {
 	t.Helper()
+	// The store is single-process: the "crashed" agent's handle goes first.
+	e.closeStore()
 	store, err := records.Open(e.stateDir)
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { store.Close() })
 	d, err := New(Options{
 		NodeID:               "node-1",
 		KubeletRootDir:       e.kubeletRoot,
@@ -169,3 +172,11 @@ func wantCode(t testing.TB, err error, code codes.Code, msgContains ...string) {
 }
 
 func isErrno(err error, errno unix.Errno) bool { return errors.Is(err, errno) }
+
+// closeStore releases the env's records store, as a process exit would.
+func (e *env) closeStore() {
+	if e.store != nil {
+		e.store.Close()
+		e.store = nil
+	}
+}

@@ -107,11 +107,11 @@ func TestPublishMountsReadOnlyAndRecords(t *testing.T) {
 				t.Errorf("PublishedAt %v out of range", published)
 			}
 			// The record is durable: a fresh store sees it.
-			fresh, err := records.Open(e.stateDir)
+			got, err := records.Load(e.stateDir)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if got := fresh.ByPodUID(testPodUID); len(got) != 1 || got[0].TargetPath != target {
+			if len(got) != 1 || got[0].TargetPath != target {
 				t.Fatalf("reopened store: %+v", got)
 			}
 

@@ -1,19 +1,27 @@
 // Package records keeps the durable record of every CSI publish: which pod
 // (UID, namespace, name, service account) got the Workload API socket mounted
 // at which target. The Kubernetes attestor cross-checks callers against it.
+//
+// Records live in an append-only journal: a publish or unpublish appends one
+// line and fdatasyncs once before it is acknowledged, which keeps the
+// kubelet's publish path at a single disk flush. Open replays the journal and
+// rewrites it compacted; a torn last line (a crash mid-append) was never
+// acknowledged and is dropped.
 package records
 
 import (
-	"crypto/sha256"
-	"encoding/hex"
+	"bufio"
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/csi-agent/csi-agent/internal/fsutil"
 )
@@ -39,58 +47,198 @@ func (r Record) validate() error {
 	return nil
 }
 
-// Store holds the records in memory and one file per record in its directory.
-// One file per record keeps a publish at a single small atomic write.
+// entry is one journal line.
+type entry struct {
+	Op     string  `json:"op"` // "put" or "del"
+	Record *Record `json:"record,omitempty"`
+	Target string  `json:"target,omitempty"`
+}
+
+const (
+	journalName = "records.log"
+	lockName    = "lock"
+	// Compact once the journal holds this many more lines than live records.
+	compactSlack = 1024
+)
+
+// Store holds the records in memory, backed by the journal in its directory.
 type Store struct {
 	dir string
 
 	mu       sync.RWMutex
 	byTarget map[string]Record
+	byPod    map[string]map[string]struct{} // pod UID → targets
+	journal  *os.File
+	lock     *os.File
+	size     int64 // bytes of whole lines in the journal
+	lines    int
 }
 
-const fileSuffix = ".json"
-
-// Open loads every record in dir, creating dir (0700) when absent. A record
-// file that cannot be parsed is an error: records decide who gets identities,
-// so a damaged store is not silently ignored.
+// Open loads the records in dir for reading and writing, creating dir (0700)
+// when absent. One process at a time: a second Open of the same dir fails
+// while the first holds it. A damaged line other than a torn last one is an
+// error: records decide who gets identities, so damage is not ignored.
 func Open(dir string) (*Store, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create records dir: %w", err)
 	}
-	s := &Store{dir: dir, byTarget: map[string]Record{}}
-	entries, err := os.ReadDir(dir)
+	lock, err := os.OpenFile(filepath.Join(dir, lockName), os.O_CREATE|os.O_RDWR, 0o600)
 	if err != nil {
-		return nil, fmt.Errorf("read records dir: %w", err)
+		return nil, fmt.Errorf("open records lock: %w", err)
 	}
-	for _, e := range entries {
-		name := e.Name()
-		if strings.HasPrefix(name, ".") {
-			// Leftover temp file of an interrupted write: the rename never happened.
-			_ = os.Remove(filepath.Join(dir, name))
-			continue
-		}
-		if !strings.HasSuffix(name, fileSuffix) {
-			continue
-		}
-		data, err := os.ReadFile(filepath.Join(dir, name))
-		if err != nil {
-			return nil, fmt.Errorf("read record %s: %w", name, err)
-		}
-		var r Record
-		if err := json.Unmarshal(data, &r); err != nil {
-			return nil, fmt.Errorf("parse record %s: %w", name, err)
-		}
-		if err := r.validate(); err != nil {
-			return nil, fmt.Errorf("record %s: %w", name, err)
-		}
-		s.byTarget[r.TargetPath] = r
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		lock.Close()
+		return nil, fmt.Errorf("records dir %s is in use by another process (is another agent running?): %w", dir, err)
+	}
+	s := newStore(dir)
+	s.lock = lock
+	if err := s.replay(filepath.Join(dir, journalName)); err != nil {
+		lock.Close()
+		return nil, err
+	}
+	if err := s.compactLocked(); err != nil {
+		lock.Close()
+		return nil, err
 	}
 	return s, nil
 }
 
-func (s *Store) fileFor(target string) string {
-	sum := sha256.Sum256([]byte(target))
-	return filepath.Join(s.dir, hex.EncodeToString(sum[:16])+fileSuffix)
+// Load reads the records in dir without taking or changing anything, for
+// inspection while an agent runs.
+func Load(dir string) ([]Record, error) {
+	s := newStore(dir)
+	if err := s.replay(filepath.Join(dir, journalName)); err != nil {
+		return nil, err
+	}
+	return s.All(), nil
+}
+
+func newStore(dir string) *Store {
+	return &Store{dir: dir, byTarget: map[string]Record{}, byPod: map[string]map[string]struct{}{}}
+}
+
+func (s *Store) replay(path string) error {
+	f, err := os.Open(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("open records journal: %w", err)
+	}
+	defer f.Close()
+	r := bufio.NewReader(f)
+	for n := 1; ; n++ {
+		line, err := r.ReadBytes('\n')
+		if errors.Is(err, io.EOF) {
+			// No newline: the append of this line never completed.
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("read records journal: %w", err)
+		}
+		var e entry
+		if err := json.Unmarshal(bytes.TrimSuffix(line, []byte("\n")), &e); err != nil {
+			return fmt.Errorf("records journal %s line %d: %w", path, n, err)
+		}
+		if err := s.apply(e); err != nil {
+			return fmt.Errorf("records journal %s line %d: %w", path, n, err)
+		}
+	}
+}
+
+func (s *Store) apply(e entry) error {
+	switch e.Op {
+	case "put":
+		if e.Record == nil {
+			return errors.New("put without a record")
+		}
+		if err := e.Record.validate(); err != nil {
+			return err
+		}
+		s.remove(e.Record.TargetPath)
+		s.byTarget[e.Record.TargetPath] = *e.Record
+		if s.byPod[e.Record.PodUID] == nil {
+			s.byPod[e.Record.PodUID] = map[string]struct{}{}
+		}
+		s.byPod[e.Record.PodUID][e.Record.TargetPath] = struct{}{}
+	case "del":
+		if e.Target == "" {
+			return errors.New("delete without a target")
+		}
+		s.remove(e.Target)
+	default:
+		return fmt.Errorf("unknown op %q", e.Op)
+	}
+	return nil
+}
+
+func (s *Store) remove(target string) {
+	old, ok := s.byTarget[target]
+	if !ok {
+		return
+	}
+	delete(s.byTarget, target)
+	if t := s.byPod[old.PodUID]; t != nil {
+		delete(t, target)
+		if len(t) == 0 {
+			delete(s.byPod, old.PodUID)
+		}
+	}
+}
+
+// compactLocked rewrites the journal with one line per live record, atomically.
+func (s *Store) compactLocked() error {
+	var buf bytes.Buffer
+	for _, r := range s.byTarget {
+		r := r
+		line, err := json.Marshal(entry{Op: "put", Record: &r})
+		if err != nil {
+			return fmt.Errorf("encode record: %w", err)
+		}
+		buf.Write(line)
+		buf.WriteByte('\n')
+	}
+	path := filepath.Join(s.dir, journalName)
+	if err := fsutil.WriteFileAtomic(path, buf.Bytes(), 0o600); err != nil {
+		return fmt.Errorf("compact records journal: %w", err)
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return fmt.Errorf("open records journal: %w", err)
+	}
+	if s.journal != nil {
+		s.journal.Close()
+	}
+	s.journal, s.size, s.lines = f, int64(buf.Len()), len(s.byTarget)
+	return nil
+}
+
+// appendLocked writes one line and flushes it to disk. A failed write is
+// cut off again so the journal never holds a partial line before a whole one.
+func (s *Store) appendLocked(e entry) error {
+	if s.journal == nil {
+		return errors.New("records store is closed")
+	}
+	line, err := json.Marshal(e)
+	if err != nil {
+		return fmt.Errorf("encode record: %w", err)
+	}
+	line = append(line, '\n')
+	if _, err := s.journal.Write(line); err != nil {
+		_ = s.journal.Truncate(s.size)
+		return fmt.Errorf("append to records journal: %w", err)
+	}
+	if err := unix.Fdatasync(int(s.journal.Fd())); err != nil {
+		_ = s.journal.Truncate(s.size)
+		return fmt.Errorf("flush records journal: %w", err)
+	}
+	s.size += int64(len(line))
+	s.lines++
+	if s.lines > len(s.byTarget)+compactSlack {
+		// Not fatal: the line is durable; compaction is retried next time.
+		_ = s.compactLocked()
+	}
+	return nil
 }
 
 // Put durably stores r, replacing any record for the same target path.
@@ -98,28 +246,42 @@ func (s *Store) Put(r Record) error {
 	if err := r.validate(); err != nil {
 		return err
 	}
-	data, err := json.Marshal(r)
-	if err != nil {
-		return fmt.Errorf("encode record: %w", err)
-	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if err := fsutil.WriteFileAtomic(s.fileFor(r.TargetPath), data, 0o600); err != nil {
+	if err := s.appendLocked(entry{Op: "put", Record: &r}); err != nil {
 		return fmt.Errorf("store record for %s: %w", r.TargetPath, err)
 	}
-	s.byTarget[r.TargetPath] = r
-	return nil
+	return s.apply(entry{Op: "put", Record: &r})
 }
 
 // Delete durably removes the record for target; an absent record is fine.
 func (s *Store) Delete(target string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if err := fsutil.RemoveDurable(s.fileFor(target)); err != nil {
+	if _, ok := s.byTarget[target]; !ok {
+		return nil
+	}
+	if err := s.appendLocked(entry{Op: "del", Target: target}); err != nil {
 		return fmt.Errorf("delete record for %s: %w", target, err)
 	}
-	delete(s.byTarget, target)
+	s.remove(target)
 	return nil
+}
+
+// Close releases the journal.
+func (s *Store) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.journal == nil {
+		return nil
+	}
+	err := s.journal.Close()
+	s.journal = nil
+	if s.lock != nil {
+		s.lock.Close() // releases the flock
+		s.lock = nil
+	}
+	return err
 }
 
 // ByTarget returns the record for a target path.
@@ -134,11 +296,13 @@ func (s *Store) ByTarget(target string) (Record, bool) {
 func (s *Store) ByPodUID(uid string) []Record {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	var out []Record
-	for _, r := range s.byTarget {
-		if r.PodUID == uid {
-			out = append(out, r)
-		}
+	targets := s.byPod[uid]
+	if len(targets) == 0 {
+		return nil
+	}
+	out := make([]Record, 0, len(targets))
+	for t := range targets {
+		out = append(out, s.byTarget[t])
 	}
 	return out
 }

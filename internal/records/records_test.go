@@ -1,0 +1,255 @@
+package records
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+func rec(target, uid string) Record {
+	return Record{VolumeID: "vol-" + target, PodUID: uid, PodNamespace: "ns", PodName: "p", ServiceAccount: "sa", TargetPath: target, PublishedAt: time.Unix(1700000000, 0).UTC()}
+}
+
+func open(t *testing.T, dir string) *Store {
+	t.Helper()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func targets(rs []Record) []string {
+	var out []string
+	for _, r := range rs {
+		out = append(out, r.TargetPath)
+	}
+	sort.Strings(out)
+	return out
+}
+
+func TestPutDeleteSurviveReopen(t *testing.T) {
+	dir := t.TempDir()
+	s := open(t, dir)
+	for _, r := range []Record{rec("/a", "u1"), rec("/b", "u1"), rec("/c", "u2")} {
+		if err := s.Put(r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Delete("/b"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Delete("/never"); err != nil {
+		t.Fatalf("deleting an absent record: %v", err)
+	}
+	// Replacing a target moves it to the new pod.
+	if err := s.Put(rec("/c", "u3")); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+
+	s2 := open(t, dir)
+	if got := targets(s2.All()); strings.Join(got, ",") != "/a,/c" {
+		t.Fatalf("after reopen: %v", got)
+	}
+	if got := targets(s2.ByPodUID("u1")); strings.Join(got, ",") != "/a" {
+		t.Errorf("u1: %v", got)
+	}
+	if got := s2.ByPodUID("u2"); len(got) != 0 {
+		t.Errorf("u2 still has %v", got)
+	}
+	if r, ok := s2.ByTarget("/c"); !ok || r.PodUID != "u3" || !r.PublishedAt.Equal(rec("/c", "u3").PublishedAt) {
+		t.Errorf("/c: %+v %v", r, ok)
+	}
+	fi, err := os.Stat(filepath.Join(dir, journalName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Perm() != 0o600 {
+		t.Errorf("journal mode %v", fi.Mode().Perm())
+	}
+}
+
+func TestTornLastLineDropped(t *testing.T) {
+	dir := t.TempDir()
+	s := open(t, dir)
+	if err := s.Put(rec("/a", "u1")); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	// A crash in the middle of appending the next line.
+	f, err := os.OpenFile(filepath.Join(dir, journalName), os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteString(`{"op":"put","record":{"podUID":"u2","targetPa`)
+	f.Close()
+
+	s2 := open(t, dir)
+	if got := targets(s2.All()); strings.Join(got, ",") != "/a" {
+		t.Fatalf("got %v", got)
+	}
+	// The torn tail is gone after compaction, so new appends are whole lines.
+	if err := s2.Put(rec("/b", "u2")); err != nil {
+		t.Fatal(err)
+	}
+	s2.Close()
+	if got := targets(open(t, dir).All()); strings.Join(got, ",") != "/a,/b" {
+		t.Fatalf("after append past a torn tail: %v", got)
+	}
+}
+
+func TestDamagedJournalRefused(t *testing.T) {
+	cases := map[string]string{
+		"garbage line":  "not json\n",
+		"unknown op":    `{"op":"frob"}` + "\n",
+		"put no record": `{"op":"put"}` + "\n",
+		"record no uid": `{"op":"put","record":{"targetPath":"/a"}}` + "\n",
+		"del no target": `{"op":"del"}` + "\n",
+		"bad then good": "{\n" + `{"op":"del","target":"/a"}` + "\n",
+	}
+	for name, content := range cases {
+		t.Run(name, func(t *testing.T) {
+			dir := t.TempDir()
+			path := filepath.Join(dir, journalName)
+			if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := Open(dir); err == nil || !strings.Contains(err.Error(), "line 1") {
+				t.Fatalf("damaged journal: %v", err)
+			}
+			// Left as it was, for an operator to look at.
+			if got, _ := os.ReadFile(path); string(got) != content {
+				t.Error("damaged journal was rewritten")
+			}
+		})
+	}
+}
+
+func TestInvalidRecordRejected(t *testing.T) {
+	s := open(t, t.TempDir())
+	if err := s.Put(Record{PodUID: "u"}); err == nil {
+		t.Error("record without target accepted")
+	}
+	if err := s.Put(Record{TargetPath: "/a"}); err == nil {
+		t.Error("record without pod UID accepted")
+	}
+	if len(s.All()) != 0 {
+		t.Error("invalid record stored")
+	}
+}
+
+func TestCompaction(t *testing.T) {
+	dir := t.TempDir()
+	s := open(t, dir)
+	for i := 0; i < 3*compactSlack; i++ {
+		target := fmt.Sprintf("/t%d", i%10)
+		if err := s.Put(rec(target, "u")); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Delete(target); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Put(rec("/kept", "u")); err != nil {
+		t.Fatal(err)
+	}
+	data, err := os.ReadFile(filepath.Join(dir, journalName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(string(data), "\n"); n > compactSlack+2 {
+		t.Fatalf("journal has %d lines for 1 record: not compacted", n)
+	}
+	s.Close()
+	if got := targets(open(t, dir).All()); strings.Join(got, ",") != "/kept" {
+		t.Fatalf("after compaction: %v", got)
+	}
+}
+
+func TestConcurrentUse(t *testing.T) {
+	dir := t.TempDir()
+	s := open(t, dir)
+	var wg sync.WaitGroup
+	for w := 0; w < 8; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			for i := 0; i < 20; i++ {
+				target := fmt.Sprintf("/w%d/%d", w, i)
+				if err := s.Put(rec(target, fmt.Sprintf("pod%d", w))); err != nil {
+					t.Error(err)
+				}
+				_ = s.ByPodUID(fmt.Sprintf("pod%d", w))
+				if i%2 == 0 {
+					if err := s.Delete(target); err != nil {
+						t.Error(err)
+					}
+				}
+			}
+		}(w)
+	}
+	wg.Wait()
+	s.Close()
+	s2 := open(t, dir)
+	if n := len(s2.All()); n != 80 {
+		t.Fatalf("%d records after reopen, want 80", n)
+	}
+	if n := len(s2.ByPodUID("pod3")); n != 10 {
+		t.Fatalf("pod3 has %d records, want 10", n)
+	}
+}
+
+func TestClosedStoreRefusesWrites(t *testing.T) {
+	s := open(t, t.TempDir())
+	s.Close()
+	if err := s.Put(rec("/a", "u")); err == nil {
+		t.Fatal("write to a closed store accepted")
+	}
+}
+
+func BenchmarkPutDelete(b *testing.B) {
+	s, err := Open(b.TempDir())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	r := rec("/bench", "u")
+	for i := 0; i < b.N; i++ {
+		if err := s.Put(r); err != nil {
+			b.Fatal(err)
+		}
+		if err := s.Delete(r.TargetPath); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func TestSecondOpenRefusedLoadAllowed(t *testing.T) {
+	dir := t.TempDir()
+	s := open(t, dir)
+	if err := s.Put(rec("/a", "u")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(dir); err == nil || !strings.Contains(err.Error(), "in use") {
+		t.Fatalf("second Open: %v", err)
+	}
+	all, err := Load(dir)
+	if err != nil || len(all) != 1 {
+		t.Fatalf("Load: %v %v", all, err)
+	}
+	// The writer keeps working after a Load.
+	if err := s.Put(rec("/b", "u")); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	if got := targets(open(t, dir).All()); strings.Join(got, ",") != "/a,/b" {
+		t.Fatalf("after close and reopen: %v", got)
+	}
+}
