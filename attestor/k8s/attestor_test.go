@@ -99,6 +99,7 @@ func openRecords(t testing.TB, recs ...records.Record) *records.Store {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { s.Close() })
 	for _, r := range recs {
 		if err := s.Put(r); err != nil {
 			t.Fatal(err)
