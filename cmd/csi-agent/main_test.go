@@ -9,8 +9,11 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
+
+	"github.com/spiffe/go-spiffe/v2/workloadapi"
 )
 
 const mainEnv = "CSI_AGENT_TEST_MAIN"
@@ -31,6 +34,12 @@ func command(ctx context.Context, args ...string) *exec.Cmd {
 
 // startDevAgent runs `csi-agent run --dev` with private dirs.
 func startDevAgent(t *testing.T, extra ...string) (socket string) {
+	t.Helper()
+	socket, _ = startDevAgentProcess(t, extra...)
+	return socket
+}
+
+func startDevAgentProcess(t *testing.T, extra ...string) (socket string, proc *os.Process) {
 	t.Helper()
 	dir := t.TempDir()
 	socketDir := filepath.Join(dir, "sockets")
@@ -57,7 +66,7 @@ func startDevAgent(t *testing.T, extra ...string) (socket string) {
 	for {
 		out, err := command(context.Background(), "healthcheck", "--socket", socket, "--timeout", "1s").CombinedOutput()
 		if err == nil && strings.Contains(string(out), "serving") {
-			return socket
+			return socket, cmd.Process
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("agent never became healthy: %s\nagent stderr:\n%s", out, stderr.String())
@@ -172,3 +181,65 @@ func TestUsageErrors(t *testing.T) {
 		t.Errorf("version: %v %q", err, out)
 	}
 }
+
+func TestSIGHUPReloadReachesOpenStreams(t *testing.T) {
+	uid := strconv.Itoa(os.Getuid())
+	file := filepath.Join(t.TempDir(), "config.yaml")
+	writeRules := func(path string) {
+		t.Helper()
+		cfg := "svids: [{spiffeID: " + path + ", rules: [{match: {unix.uid: '" + uid + "'}}]}]\n"
+		if err := os.WriteFile(file, []byte(cfg), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	writeRules("/before")
+	socket, proc := startDevAgentProcess(t, "--config", file)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	client, err := workloadapi.New(ctx, workloadapi.WithAddr("unix://"+socket))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	ids := make(chan string, 16)
+	go func() { _ = client.WatchX509Context(ctx, idWatcher(ids)) }()
+	waitID := func(want string) {
+		t.Helper()
+		for {
+			select {
+			case got := <-ids:
+				if got == want {
+					return
+				}
+			case <-ctx.Done():
+				t.Fatalf("stream never delivered %s", want)
+			}
+		}
+	}
+	waitID("spiffe://cluster.local/before")
+
+	writeRules("/after")
+	if err := proc.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	waitID("spiffe://cluster.local/after")
+
+	// A broken config keeps the running rules.
+	if err := os.WriteFile(file, []byte("svids: [{spiffeID: /x, rules: [{}]}]\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := proc.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond)
+	svid, err := client.FetchX509SVID(ctx)
+	if err != nil || svid.ID.String() != "spiffe://cluster.local/after" {
+		t.Fatalf("after a broken reload: %v %v", svid, err)
+	}
+}
+
+type idWatcher chan string
+
+func (w idWatcher) OnX509ContextUpdate(c *workloadapi.X509Context) { w <- c.DefaultSVID().ID.String() }
+func (idWatcher) OnX509ContextWatchError(error)                    {}
