@@ -328,36 +328,6 @@ func (s *Server) federatedX509() map[string][]byte {
 	return out
 }
 
-// FetchX509Bundles streams the X.509 bundles of our and federated trust
-// domains, sending only when they change.
-func (s *Server) FetchX509Bundles(_ *workloadpb.X509BundlesRequest, stream grpc.ServerStreamingServer[workloadpb.X509BundlesResponse]) error {
-	ctx := stream.Context()
-	if _, err := s.attest(ctx); err != nil {
-		return err
-	}
-	var last map[string][]byte
-	for {
-		cacheCh, fedCh := s.cache.Changed(), s.federationChanged()
-		bundles := s.federatedX509()
-		if bundles == nil {
-			bundles = map[string][]byte{}
-		}
-		bundles[s.td.IDString()] = concatDER(s.authority.Bundle().X509Authorities())
-		if last == nil || !sameBundleMap(last, bundles) {
-			if err := stream.Send(&workloadpb.X509BundlesResponse{Bundles: bundles}); err != nil {
-				return err
-			}
-			last = bundles
-		}
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-cacheCh:
-		case <-fedCh:
-		}
-	}
-}
-
 // FetchJWTSVID mints JWT-SVIDs for the requested audience.
 func (s *Server) FetchJWTSVID(ctx context.Context, req *workloadpb.JWTSVIDRequest) (*workloadpb.JWTSVIDResponse, error) {
 	if err := checkHeader(ctx); err != nil {
@@ -417,21 +387,36 @@ func jwtID(token string) string {
 	return ""
 }
 
+// FetchX509Bundles streams the X.509 bundles of our and federated trust
+// domains, sending only when they change.
+func (s *Server) FetchX509Bundles(_ *workloadpb.X509BundlesRequest, stream grpc.ServerStreamingServer[workloadpb.X509BundlesResponse]) error {
+	return s.streamBundles(stream.Context(), s.x509Bundles, func(b map[string][]byte) error {
+		return stream.Send(&workloadpb.X509BundlesResponse{Bundles: b})
+	})
+}
+
 // FetchJWTBundles streams the JWKS of our and federated trust domains.
 func (s *Server) FetchJWTBundles(_ *workloadpb.JWTBundlesRequest, stream grpc.ServerStreamingServer[workloadpb.JWTBundlesResponse]) error {
-	ctx := stream.Context()
+	return s.streamBundles(stream.Context(), s.jwtBundles, func(b map[string][]byte) error {
+		return stream.Send(&workloadpb.JWTBundlesResponse{Bundles: b})
+	})
+}
+
+// streamBundles attests the caller, then sends the bundles at once and
+// again whenever they change, until the client goes away.
+func (s *Server) streamBundles(ctx context.Context, build func() (map[string][]byte, error), send func(map[string][]byte) error) error {
 	if _, err := s.attest(ctx); err != nil {
 		return err
 	}
 	var last map[string][]byte
 	for {
 		cacheCh, fedCh := s.cache.Changed(), s.federationChanged()
-		bundles, err := s.jwtBundles()
+		bundles, err := build()
 		if err != nil {
-			return status.Errorf(codes.Internal, "encode JWT bundles: %v", err)
+			return status.Errorf(codes.Internal, "encode bundles: %v", err)
 		}
 		if last == nil || !sameBundleMap(last, bundles) {
-			if err := stream.Send(&workloadpb.JWTBundlesResponse{Bundles: bundles}); err != nil {
+			if err := send(bundles); err != nil {
 				return err
 			}
 			last = bundles
@@ -443,6 +428,16 @@ func (s *Server) FetchJWTBundles(_ *workloadpb.JWTBundlesRequest, stream grpc.Se
 		case <-fedCh:
 		}
 	}
+}
+
+// x509Bundles holds the DER certificates of each trust domain's X.509 authorities.
+func (s *Server) x509Bundles() (map[string][]byte, error) {
+	bundles := s.federatedX509()
+	if bundles == nil {
+		bundles = map[string][]byte{}
+	}
+	bundles[s.td.IDString()] = concatDER(s.authority.Bundle().X509Authorities())
+	return bundles, nil
 }
 
 // jwtBundles marshals each trust domain's JWT authorities as a JWKS (keys
