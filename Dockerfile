@@ -8,11 +8,11 @@ ARG VERSION=dev
 RUN CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X main.version=${VERSION}" -o /out/csi-agent ./cmd/csi-agent
 
 FROM gcr.io/distroless/static-debian12
-COPY --from=build /out/csi-agent /usr/local/bin/csi-agent
+COPY --from=build /out/csi-agent /csi-agent
 # The image runs as non-root by default (the client commands need nothing
 # more). The node agent itself needs root: it bind-mounts into the kubelet's
 # pods dir, reads every process's /proc entries and runs with hostPID; the
 # DaemonSet sets runAsUser: 0 and privileged.
 USER 65532:65532
-ENTRYPOINT ["/usr/local/bin/csi-agent"]
+ENTRYPOINT ["/csi-agent"]
 CMD ["run"]
