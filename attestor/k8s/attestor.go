@@ -27,6 +27,8 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -104,7 +106,7 @@ type Attestor struct {
 	mode          CrossCheck
 	nodeName      string
 	retryBudget   time.Duration
-	containerWait time.Duration
+	containerWait atomic.Int64 // time.Duration; 0: answer pod-level at once
 	maxCacheAge   time.Duration
 	clock         clock.Clock
 	cache         *podCache
@@ -152,22 +154,48 @@ func New(opts Options) (*Attestor, error) {
 	if opts.Clock == nil {
 		opts.Clock = clock.RealClock{}
 	}
-	return &Attestor{
-		procRoot:      opts.ProcRoot,
-		records:       opts.Records,
-		mode:          mode,
-		nodeName:      opts.NodeName,
-		retryBudget:   opts.RetryBudget,
-		containerWait: opts.ContainerWait,
-		maxCacheAge:   opts.MaxCacheAge,
-		clock:         opts.Clock,
+	a := &Attestor{
+		procRoot:    opts.ProcRoot,
+		records:     opts.Records,
+		mode:        mode,
+		nodeName:    opts.NodeName,
+		retryBudget: opts.RetryBudget,
+		maxCacheAge: opts.MaxCacheAge,
+		clock:       opts.Clock,
 		cache: &podCache{
 			lister:         opts.Pods,
 			clock:          opts.Clock,
 			minInterval:    opts.MinRefreshInterval,
 			requestTimeout: DefaultKubeletTimeout,
 		},
-	}, nil
+	}
+	a.containerWait.Store(int64(opts.ContainerWait))
+	return a, nil
+}
+
+// SetContainerWait changes how long a caller whose container the kubelet has
+// not listed yet waits before it is answered with pod-level fields. Zero
+// answers at once, which is right when no rule reads a container field:
+// waiting then only delays the pod's first SVID.
+func (a *Attestor) SetContainerWait(d time.Duration) {
+	if d < 0 {
+		d = 0
+	}
+	if d > a.retryBudget {
+		d = a.retryBudget
+	}
+	a.containerWait.Store(int64(d))
+}
+
+// NeedsContainer reports whether any of the fields is container-level, so
+// that answering without the container would change what matches.
+func NeedsContainer(fields []string) bool {
+	for _, f := range fields {
+		if strings.HasPrefix(f, "kubernetes.container_") {
+			return true
+		}
+	}
+	return false
 }
 
 // KubeletRequests counts the pod list requests made so far.
@@ -226,7 +254,7 @@ func (a *Attestor) Attest(ctx context.Context, pid int32) (attestor.Attributes, 
 func (a *Attestor) lookup(ctx context.Context, podUID, containerID string) (*pod, *containerMatch, error) {
 	start := a.clock.Now()
 	podDeadline := start.Add(a.retryBudget)
-	containerDeadline := start.Add(a.containerWait)
+	containerDeadline := start.Add(time.Duration(a.containerWait.Load()))
 
 	var gen uint64
 	if cur := a.cache.current(); cur != nil && a.clock.Since(cur.fetchedAt) > a.maxCacheAge {

@@ -518,6 +518,55 @@ func TestAttestContainerNotYetReported(t *testing.T) {
 	}
 }
 
+func TestAttestNoContainerWaitAnswersAtOnce(t *testing.T) {
+	// With no rule reading container fields the agent sets the wait to zero:
+	// a caller whose container is not listed yet is answered without any
+	// clock time passing, from the first pod list.
+	starting := withContainer(newPod("shop", "web", uidN(1), "web-sa"), "app", "nginx:1.27", "")
+	fc := clocktesting.NewFakeClock(time.Unix(1700000000, 0))
+	procs := newProcRoot(t)
+	procs.put(7, uidN(1), cidN(1))
+	lister := &fakeLister{clock: fc, answer: always(podListJSON(t, starting))}
+	a := newAttestor(t, Options{ProcRoot: procs.dir, Pods: lister, Records: openRecords(t, recordFor(starting)), Clock: fc})
+	a.SetContainerWait(0)
+
+	start := fc.Now()
+	got := attestDriven(a, fc, 10*time.Millisecond, 7)
+	if got.err != nil {
+		t.Fatal(got.err)
+	}
+	if waited := fc.Since(start); waited != 0 {
+		t.Fatalf("answer took %v of clock time, want none", waited)
+	}
+	if ns, _ := got.attrs.Get(FieldNamespace); ns != "shop" {
+		t.Fatalf("attributes %s lack the namespace", got.attrs)
+	}
+	if _, ok := got.attrs[FieldContainerName]; ok {
+		t.Fatalf("container field before the kubelet listed it: %s", got.attrs)
+	}
+	if n := a.KubeletRequests(); n != 1 {
+		t.Fatalf("%d kubelet requests, want 1", n)
+	}
+}
+
+func TestNeedsContainer(t *testing.T) {
+	cases := []struct {
+		fields []string
+		want   bool
+	}{
+		{nil, false},
+		{[]string{"kubernetes.namespace", "kubernetes.service_account", "unix.uid"}, false},
+		{[]string{"kubernetes.namespace", "kubernetes.container_name"}, true},
+		{[]string{"kubernetes.container_image_id"}, true},
+		{[]string{"kubernetes.pod_label.container_name"}, false},
+	}
+	for _, tc := range cases {
+		if got := NeedsContainer(tc.fields); got != tc.want {
+			t.Errorf("NeedsContainer(%v) = %v, want %v", tc.fields, got, tc.want)
+		}
+	}
+}
+
 func TestAttestKubeletDownThenBack(t *testing.T) {
 	pod := withContainer(newPod("shop", "web", uidN(1), "sa"), "app", "app:1", cidN(1))
 	fc := clocktesting.NewFakeClock(time.Unix(1700000000, 0))

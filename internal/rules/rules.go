@@ -77,6 +77,36 @@ func Compile(td spiffeid.TrustDomain, svids []SVID) (*Set, error) {
 	return set, nil
 }
 
+// Fields lists every field the set reads, in conditions and in templates,
+// each once. Attestors use it to skip work no rule needs.
+func (s *Set) Fields() []string {
+	if s == nil {
+		return nil
+	}
+	seen := map[string]bool{}
+	var out []string
+	add := func(f string) {
+		if f != "" && !seen[f] {
+			seen[f] = true
+			out = append(out, f)
+		}
+	}
+	for _, f := range s.fields {
+		add(f)
+	}
+	for _, sv := range s.svids {
+		for _, p := range sv.id.path.parts {
+			add(p.field)
+		}
+		for _, d := range sv.dns {
+			for _, p := range d.name.parts {
+				add(p.field)
+			}
+		}
+	}
+	return out
+}
+
 // indexFields numbers the fields the conditions test.
 func (s *Set) indexFields() {
 	index := map[string]int{}
