@@ -3,6 +3,7 @@ package csi
 import (
 	"errors"
 	"fmt"
+	"os"
 
 	"golang.org/x/sys/unix"
 	"k8s.io/mount-utils"
@@ -69,35 +70,103 @@ func (m *syscallMounter) MountSensitiveWithoutSystemdWithMountFlags(source, targ
 	return bindMount(source, target, flags)
 }
 
-// bindMount bind-mounts source on target, then applies flags with a remount:
-// mount(2) ignores per-mount flags on the first MS_BIND call.
+// bindMount bind-mounts source on target with flags. The mount must carry
+// its flags from the moment it is attached: the agent runs in a container
+// whose kubelet dir propagates mounts to the host, and a later remount
+// changes the flags only in the agent's own namespace, leaving the host's
+// copy (the one the kubelet and the pod see) writable.
 func bindMount(source, target string, flags uintptr) error {
-	if err := unix.Mount(source, target, "", unix.MS_BIND, ""); err != nil {
-		return fmt.Errorf("bind mount %s on %s: %w", source, target, err)
-	}
 	if flags&^unix.MS_BIND == 0 {
+		if err := unix.Mount(source, target, "", unix.MS_BIND, ""); err != nil {
+			return fmt.Errorf("bind mount %s on %s: %w", source, target, err)
+		}
 		return nil
 	}
-	// A remount must keep the atime flags the source mount has, or the kernel
-	// refuses it inside a user namespace.
-	var st unix.Statfs_t
-	if err := unix.Statfs(source, &st); err == nil {
-		for stFlag, msFlag := range map[int64]uintptr{
-			unix.ST_NOATIME:    unix.MS_NOATIME,
-			unix.ST_NODIRATIME: unix.MS_NODIRATIME,
-			unix.ST_RELATIME:   unix.MS_RELATIME,
-		} {
-			if st.Flags&stFlag != 0 {
-				flags |= msFlag
-			}
-		}
+	err := attachDetached(source, target, flags)
+	if errors.Is(err, unix.ENOSYS) {
+		// Kernels before 5.12 lack mount_setattr.
+		return bindFromReadOnlyCopy(source, target, flags)
 	}
-	if err := unix.Mount("", target, "", flags|unix.MS_BIND|unix.MS_REMOUNT, ""); err != nil {
-		// Never leave a writable bind mount behind.
-		_ = unix.Unmount(target, unix.UMOUNT_NOFOLLOW)
-		return fmt.Errorf("remount %s with flags %#x: %w", target, flags, err)
+	return err
+}
+
+// attachDetached clones source as a detached mount, sets its flags, then
+// attaches it at target (open_tree, mount_setattr, move_mount).
+func attachDetached(source, target string, flags uintptr) error {
+	fd, err := unix.OpenTree(unix.AT_FDCWD, source, unix.OPEN_TREE_CLONE|unix.OPEN_TREE_CLOEXEC)
+	if err != nil {
+		return fmt.Errorf("clone mount of %s: %w", source, err)
+	}
+	defer unix.Close(fd)
+	attr := &unix.MountAttr{Attr_set: mountAttrs(flags)}
+	if err := unix.MountSetattr(fd, "", unix.AT_EMPTY_PATH, attr); err != nil {
+		return fmt.Errorf("set mount attributes of %s: %w", source, err)
+	}
+	if err := unix.MoveMount(fd, "", unix.AT_FDCWD, target, unix.MOVE_MOUNT_F_EMPTY_PATH); err != nil {
+		return fmt.Errorf("attach mount of %s on %s: %w", source, target, err)
 	}
 	return nil
+}
+
+func mountAttrs(flags uintptr) uint64 {
+	var attrs uint64
+	for ms, attr := range map[uintptr]uint64{
+		unix.MS_RDONLY: unix.MOUNT_ATTR_RDONLY,
+		unix.MS_NOSUID: unix.MOUNT_ATTR_NOSUID,
+		unix.MS_NODEV:  unix.MOUNT_ATTR_NODEV,
+		unix.MS_NOEXEC: unix.MOUNT_ATTR_NOEXEC,
+	} {
+		if flags&ms != 0 {
+			attrs |= attr
+		}
+	}
+	return attrs
+}
+
+// bindFromReadOnlyCopy is the path for older kernels: a bind inherits the
+// flags of the mount it copies, so the source is first bound, privately, to
+// a scratch directory and remounted with flags there (that copy never
+// propagates), then bound from that copy onto target, then dropped.
+func bindFromReadOnlyCopy(source, target string, flags uintptr) error {
+	scratch, err := os.MkdirTemp("", "csi-agent-ro-")
+	if err != nil {
+		return fmt.Errorf("scratch dir for a read-only copy: %w", err)
+	}
+	defer os.Remove(scratch)
+	if err := unix.Mount(source, scratch, "", unix.MS_BIND, ""); err != nil {
+		return fmt.Errorf("bind mount %s on %s: %w", source, scratch, err)
+	}
+	defer unix.Unmount(scratch, unix.MNT_DETACH)
+	if err := unix.Mount("", scratch, "", unix.MS_PRIVATE, ""); err != nil {
+		return fmt.Errorf("make %s private: %w", scratch, err)
+	}
+	if err := unix.Mount("", scratch, "", flags|keepAtime(source)|unix.MS_BIND|unix.MS_REMOUNT, ""); err != nil {
+		return fmt.Errorf("remount %s with flags %#x: %w", scratch, flags, err)
+	}
+	if err := unix.Mount(scratch, target, "", unix.MS_BIND, ""); err != nil {
+		return fmt.Errorf("bind mount %s on %s: %w", source, target, err)
+	}
+	return nil
+}
+
+// keepAtime returns the atime flags the mount at path has: a remount must
+// keep them, or the kernel refuses it inside a user namespace.
+func keepAtime(path string) uintptr {
+	var st unix.Statfs_t
+	if err := unix.Statfs(path, &st); err != nil {
+		return 0
+	}
+	var flags uintptr
+	for stFlag, msFlag := range map[int64]uintptr{
+		unix.ST_NOATIME:    unix.MS_NOATIME,
+		unix.ST_NODIRATIME: unix.MS_NODIRATIME,
+		unix.ST_RELATIME:   unix.MS_RELATIME,
+	} {
+		if st.Flags&stFlag != 0 {
+			flags |= msFlag
+		}
+	}
+	return flags
 }
 
 // Unmount removes the top mount at target. Like mount-utils with safe

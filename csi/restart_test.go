@@ -39,6 +39,9 @@ func TestMain(m *testing.M) {
 	if os.Getenv(childEnv) == "1" {
 		os.Exit(runChildDriver())
 	}
+	if os.Getenv(bindChildEnv) == "1" {
+		os.Exit(runBindChild())
+	}
 	os.Exit(m.Run())
 }
 
