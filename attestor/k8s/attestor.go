@@ -28,7 +28,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -106,7 +105,7 @@ type Attestor struct {
 	mode          CrossCheck
 	nodeName      string
 	retryBudget   time.Duration
-	containerWait atomic.Int64 // time.Duration; 0: answer pod-level at once
+	containerWait time.Duration
 	maxCacheAge   time.Duration
 	clock         clock.Clock
 	cache         *podCache
@@ -154,48 +153,28 @@ func New(opts Options) (*Attestor, error) {
 	if opts.Clock == nil {
 		opts.Clock = clock.RealClock{}
 	}
-	a := &Attestor{
-		procRoot:    opts.ProcRoot,
-		records:     opts.Records,
-		mode:        mode,
-		nodeName:    opts.NodeName,
-		retryBudget: opts.RetryBudget,
-		maxCacheAge: opts.MaxCacheAge,
-		clock:       opts.Clock,
+	return &Attestor{
+		procRoot:      opts.ProcRoot,
+		records:       opts.Records,
+		mode:          mode,
+		nodeName:      opts.NodeName,
+		retryBudget:   opts.RetryBudget,
+		containerWait: opts.ContainerWait,
+		maxCacheAge:   opts.MaxCacheAge,
+		clock:         opts.Clock,
 		cache: &podCache{
 			lister:         opts.Pods,
 			clock:          opts.Clock,
 			minInterval:    opts.MinRefreshInterval,
 			requestTimeout: DefaultKubeletTimeout,
 		},
-	}
-	a.containerWait.Store(int64(opts.ContainerWait))
-	return a, nil
+	}, nil
 }
 
-// SetContainerWait changes how long a caller whose container the kubelet has
-// not listed yet waits before it is answered with pod-level fields. Zero
-// answers at once, which is right when no rule reads a container field:
-// waiting then only delays the pod's first SVID.
-func (a *Attestor) SetContainerWait(d time.Duration) {
-	if d < 0 {
-		d = 0
-	}
-	if d > a.retryBudget {
-		d = a.retryBudget
-	}
-	a.containerWait.Store(int64(d))
-}
-
-// NeedsContainer reports whether any of the fields is container-level, so
-// that answering without the container would change what matches.
-func NeedsContainer(fields []string) bool {
-	for _, f := range fields {
-		if strings.HasPrefix(f, "kubernetes.container_") {
-			return true
-		}
-	}
-	return false
+// IsContainerField reports whether a field is known only once the kubelet
+// lists the caller's container.
+func IsContainerField(field string) bool {
+	return strings.HasPrefix(field, "kubernetes.container_")
 }
 
 // KubeletRequests counts the pod list requests made so far.
@@ -206,6 +185,14 @@ func (a *Attestor) KubeletRequests() uint64 { return a.cache.requests.Load() }
 // unreachable, pod not listed within the retry budget) or attestor.ErrDenied
 // (cross-check failed, cgroup ambiguous, process gone).
 func (a *Attestor) Attest(ctx context.Context, pid int32) (attestor.Attributes, error) {
+	return a.AttestWithContainerWait(ctx, pid, a.containerWait)
+}
+
+// AttestWithContainerWait is Attest with its own bound on the wait for the
+// kubelet to list the caller's container; zero answers with pod-level
+// fields from the first pod list that has the pod. Callers whose rules read
+// no container field use zero: waiting would only delay a new pod's first SVID.
+func (a *Attestor) AttestWithContainerWait(ctx context.Context, pid int32, containerWait time.Duration) (attestor.Attributes, error) {
 	if pid <= 0 {
 		return nil, fmt.Errorf("%w: pid %d is outside the agent's PID namespace", attestor.ErrDenied, pid)
 	}
@@ -229,7 +216,7 @@ func (a *Attestor) Attest(ctx context.Context, pid int32) (attestor.Attributes, 
 		return nil, a.deny(pid, podUID, nil, "pod has no csi-agent volume mount record")
 	}
 
-	p, match, err := a.lookup(ctx, podUID, containerID)
+	p, match, err := a.lookup(ctx, podUID, containerID, min(max(containerWait, 0), a.retryBudget))
 	if err != nil {
 		return nil, err
 	}
@@ -251,10 +238,10 @@ func (a *Attestor) Attest(ctx context.Context, pid int32) (attestor.Attributes, 
 
 // lookup finds the pod, and the container when the kubelet reports it within
 // the container wait. Requests are shared through the cache.
-func (a *Attestor) lookup(ctx context.Context, podUID, containerID string) (*pod, *containerMatch, error) {
+func (a *Attestor) lookup(ctx context.Context, podUID, containerID string, containerWait time.Duration) (*pod, *containerMatch, error) {
 	start := a.clock.Now()
 	podDeadline := start.Add(a.retryBudget)
-	containerDeadline := start.Add(time.Duration(a.containerWait.Load()))
+	containerDeadline := start.Add(containerWait)
 
 	var gen uint64
 	if cur := a.cache.current(); cur != nil && a.clock.Since(cur.fetchedAt) > a.maxCacheAge {

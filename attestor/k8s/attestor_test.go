@@ -528,10 +528,10 @@ func TestAttestNoContainerWaitAnswersAtOnce(t *testing.T) {
 	procs.put(7, uidN(1), cidN(1))
 	lister := &fakeLister{clock: fc, answer: always(podListJSON(t, starting))}
 	a := newAttestor(t, Options{ProcRoot: procs.dir, Pods: lister, Records: openRecords(t, recordFor(starting)), Clock: fc})
-	a.SetContainerWait(0)
 
 	start := fc.Now()
-	got := attestDriven(a, fc, 10*time.Millisecond, 7)
+	var got result
+	got.attrs, got.err = a.AttestWithContainerWait(context.Background(), 7, 0)
 	if got.err != nil {
 		t.Fatal(got.err)
 	}
@@ -549,20 +549,15 @@ func TestAttestNoContainerWaitAnswersAtOnce(t *testing.T) {
 	}
 }
 
-func TestNeedsContainer(t *testing.T) {
-	cases := []struct {
-		fields []string
-		want   bool
-	}{
-		{nil, false},
-		{[]string{"kubernetes.namespace", "kubernetes.service_account", "unix.uid"}, false},
-		{[]string{"kubernetes.namespace", "kubernetes.container_name"}, true},
-		{[]string{"kubernetes.container_image_id"}, true},
-		{[]string{"kubernetes.pod_label.container_name"}, false},
+func TestIsContainerField(t *testing.T) {
+	for _, f := range []string{FieldContainerName, FieldContainerID, FieldContainerImage, FieldContainerImageID, FieldContainerType} {
+		if !IsContainerField(f) {
+			t.Errorf("%s is a container field", f)
+		}
 	}
-	for _, tc := range cases {
-		if got := NeedsContainer(tc.fields); got != tc.want {
-			t.Errorf("NeedsContainer(%v) = %v, want %v", tc.fields, got, tc.want)
+	for _, f := range []string{FieldNamespace, FieldPodUID, "kubernetes.pod_label.container_name", "unix.uid"} {
+		if IsContainerField(f) {
+			t.Errorf("%s is not a container field", f)
 		}
 	}
 }

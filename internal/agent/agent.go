@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -118,7 +119,7 @@ func Run(ctx context.Context, cfg config.Config, opts Options) error {
 		}
 	}
 
-	att.tuneFor(ruleSet)
+	att.rules.Store(ruleSet)
 
 	wl, err := workloadapi.New(workloadapi.Options{
 		TrustDomain: td, Attestor: att, Rules: ruleSet, Authority: auth, Cache: cache, Federation: fed,
@@ -231,7 +232,7 @@ func reloadOnHUP(ctx context.Context, td spiffeid.TrustDomain, wl *workloadapi.S
 			klog.ErrorS(err, "Config reload failed; keeping the running rules")
 			continue
 		}
-		att.tuneFor(set)
+		att.rules.Store(set)
 		wl.SetRules(set)
 		cache.Notify()
 		klog.InfoS("Rules reloaded", "svids", len(cfg.SVIDs))
@@ -240,23 +241,9 @@ func reloadOnHUP(ctx context.Context, td spiffeid.TrustDomain, wl *workloadapi.S
 
 // chain attests with procfs and, for callers in a pod, with the kubelet.
 type chain struct {
-	unix *unixattestor.Attestor
-	k8s  *k8s.Attestor
-}
-
-// tuneFor lets the Kubernetes attestor answer a new container at once when no
-// rule reads container fields, instead of waiting for the kubelet to list
-// the container: the difference between a pod's first SVID at process start
-// and half a second later.
-func (c *chain) tuneFor(set *rules.Set) {
-	if c.k8s == nil {
-		return
-	}
-	wait := time.Duration(0)
-	if k8s.NeedsContainer(set.Fields()) {
-		wait = k8s.DefaultContainerWait
-	}
-	c.k8s.SetContainerWait(wait)
+	unix  *unixattestor.Attestor
+	k8s   *k8s.Attestor
+	rules atomic.Pointer[rules.Set] // the running rules, to decide on waiting
 }
 
 func (c *chain) Attest(ctx context.Context, pid int32) (attestor.Attributes, error) {
@@ -267,9 +254,22 @@ func (c *chain) Attest(ctx context.Context, pid int32) (attestor.Attributes, err
 	if c.k8s == nil {
 		return attrs, nil
 	}
-	kattrs, err := c.k8s.Attest(ctx, pid)
+	// Answer from the pod's facts at once; wait for the kubelet to list a
+	// new container only when that could change which identities match.
+	// Most pods never wait: their first SVID comes as their process starts.
+	kattrs, err := c.k8s.AttestWithContainerWait(ctx, pid, 0)
 	if err != nil {
 		return nil, err
+	}
+	if kattrs != nil && len(kattrs[k8s.FieldContainerID]) == 0 {
+		probe := attestor.Attributes{}
+		probe.Merge(attrs)
+		probe.Merge(kattrs)
+		if c.rules.Load().Pending(probe, k8s.IsContainerField) {
+			if kattrs, err = c.k8s.AttestWithContainerWait(ctx, pid, k8s.DefaultContainerWait); err != nil {
+				return nil, err
+			}
+		}
 	}
 	attrs.Merge(kattrs)
 	return attrs, nil

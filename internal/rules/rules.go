@@ -266,6 +266,65 @@ func (s *Set) Evaluate(attrs attestor.Attributes) []Identity {
 	return out
 }
 
+// Pending reports whether attrs could be entitled to more, or other,
+// identities once the fields for which deferred is true arrive: some rule
+// holds on every condition it can test now and waits only on an absent
+// deferred field, or a rule holds and the SVID's ID or DNS template needs an
+// absent deferred field. The Kubernetes attestor asks this before it waits
+// for the kubelet to list a new container: most pods never need to.
+func (s *Set) Pending(attrs attestor.Attributes, deferred func(field string) bool) bool {
+	if s == nil {
+		return false
+	}
+	vals := make([][]string, len(s.fields))
+	for k, f := range s.fields {
+		vals[k] = attrs[f]
+	}
+	waiting := func(field string) bool {
+		return field != "" && deferred(field) && len(attrs[field]) == 0
+	}
+	for i := range s.svids {
+		sv := &s.svids[i]
+		for _, conds := range sv.rules {
+			held, unknown := true, false
+			for k := range conds {
+				c := &conds[k]
+				if waiting(c.field) || waiting(c.field2) {
+					unknown = true
+					continue
+				}
+				if !c.holds(vals) {
+					held = false
+					break
+				}
+			}
+			if !held {
+				continue
+			}
+			if unknown || sv.templatesWait(waiting) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+func (sv *compiledSVID) templatesWait(waiting func(string) bool) bool {
+	for _, p := range sv.id.path.parts {
+		if waiting(p.field) {
+			return true
+		}
+	}
+	for _, d := range sv.dns {
+		for _, p := range d.name.parts {
+			if waiting(p.field) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 func (sv *compiledSVID) matches(vals [][]string) bool {
 	for _, conds := range sv.rules {
 		if allHold(conds, vals) {

@@ -575,3 +575,49 @@ func TestFields(t *testing.T) {
 		}
 	}
 }
+
+func TestPending(t *testing.T) {
+	td := spiffeid.RequireTrustDomainFromString("example.org")
+	container := func(f string) bool { return strings.HasPrefix(f, "kubernetes.container_") }
+	set, err := Compile(td, []SVID{
+		{SPIFFEID: "/web-main", Rules: []Rule{{Selectors: []string{"k8s:ns:shop", "k8s:pod-label:app:web", "k8s:container-name:main"}}}},
+		{SPIFFEID: "/by-container/{kubernetes.container_name}", Rules: []Rule{{Selectors: []string{"k8s:ns:batch"}}}},
+		{SPIFFEID: "/ns/{kubernetes.namespace}", Rules: []Rule{{Selectors: []string{"k8s:sa:default"}}}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pod := func(ns, app, sa string) attestor.Attributes {
+		return attestor.Attributes{
+			"kubernetes.namespace":       {ns},
+			"kubernetes.pod_label.app":   {app},
+			"kubernetes.service_account": {sa},
+			"kubernetes.pod_uid":         {"u"},
+		}
+	}
+	cases := []struct {
+		name  string
+		attrs attestor.Attributes
+		want  bool
+	}{
+		{"rule needs the container and the pod fits", pod("shop", "web", "x"), true},
+		{"rule needs the container but the pod does not fit", pod("shop", "api", "x"), false},
+		{"template needs the container", pod("batch", "any", "x"), true},
+		{"only pod-level rules apply", pod("other", "web", "default"), false},
+		{"container already known", func() attestor.Attributes {
+			a := pod("shop", "web", "x")
+			a.Set("kubernetes.container_name", "sidecar")
+			return a
+		}(), false},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := set.Pending(tc.attrs, container); got != tc.want {
+				t.Fatalf("Pending = %v, want %v", got, tc.want)
+			}
+		})
+	}
+	if Default(td).Pending(pod("a", "b", "c"), container) {
+		t.Error("default rules wait for containers")
+	}
+}
