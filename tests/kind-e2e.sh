@@ -56,7 +56,8 @@ for i in $(seq 60); do
 	[ "$i" = 60 ] && { echo "kind-e2e: the example workload got no SVID" >&2; kubectl -n demo logs deployment/spiffe-demo >&2 || true; exit 1; }
 	sleep 2
 done
-kubectl delete --wait -k "$root/deploy/kind/example"
+# Its namespace and service account stay: the e2e runs its pod template too.
+kubectl -n demo delete deployment spiffe-demo --wait
 
 # The e2e cases, against this cluster (single node: the control plane).
 (cd "$root/tests/e2e" && CSI_AGENT_E2E_KIND_NODE="$cluster-control-plane" go test -count=1 -v -timeout 30m .)

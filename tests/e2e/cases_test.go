@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -41,9 +42,60 @@ func TestPodGetsIdentityFromCSIVolume(t *testing.T) {
 	if r.PodNamespace != ns || r.PodName != p.Name || r.ServiceAccount != sa || r.TargetPath != csiTarget(p, "spiffe-workload-api") {
 		t.Errorf("record %+v does not describe pod %s/%s sa=%s target=%s", r, ns, p.Name, sa, csiTarget(p, "spiffe-workload-api"))
 	}
-	ms := mountsAt(ctx, t, r.TargetPath)
-	if len(ms) != 1 || !ms[0].ReadOnly() {
-		t.Errorf("mounts at %s: %+v, want exactly one, read-only", r.TargetPath, ms)
+	if ms := mountsAt(ctx, t, r.TargetPath); len(ms) != 1 {
+		t.Errorf("mounts at %s: %+v, want exactly one", r.TargetPath, ms)
+	}
+}
+
+// The publish is read-only (and nosuid, nodev, noexec) in the node's own
+// mount table, the kubelet's view, not only inside the agent's container:
+// flags set by a remount in the agent's namespace do not propagate.
+func TestPublishIsReadOnlyOnTheNode(t *testing.T) {
+	needCluster(t)
+	ctx := context.Background()
+	ns := "e2e-basic"
+	ensureNamespace(ctx, t, ns)
+	p := createPod(ctx, t, workloadPod(ns, "node-view", "default"))
+	firstSVID(ctx, t, p)
+	target := csiTarget(p, "spiffe-workload-api")
+	ms := mountsAt(ctx, t, target)
+	if len(ms) != 1 {
+		t.Fatalf("mounts at %s: %+v, want exactly one", target, ms)
+	}
+	opts := strings.Split(ms[0].Options, ",")
+	for _, want := range []string{"ro", "nosuid", "nodev", "noexec"} {
+		if !slices.Contains(opts, want) {
+			t.Errorf("node's mount at %s has options %q, lacks %s", target, ms[0].Options, want)
+		}
+	}
+}
+
+// The example workload of deploy/kind/example, as its Deployment's pod
+// template has it, gets the identity of its namespace and service account.
+func TestExampleWorkloadGetsIdentity(t *testing.T) {
+	needCluster(t)
+	ctx := context.Background()
+	wd, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	objs, err := framework.Kustomize(filepath.Join(wd, "..", "..", "deploy", "kind", "example"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := framework.PodFromDeployment(objs, "spiffe-demo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Name = "spiffe-demo-e2e"
+	p.Spec.NodeName = suite.node.Name()
+	// The one change: this node's CNI is loopback-only (no pod IPs).
+	p.Spec.HostNetwork = true
+	ensureNamespace(ctx, t, p.Namespace, p.Spec.ServiceAccountName)
+	p = createPod(ctx, t, p)
+	e, _ := firstSVID(ctx, t, p)
+	if want := nsSAID(p.Namespace, p.Spec.ServiceAccountName); !sameIDs(e.IDs, want) || !e.Verified {
+		t.Fatalf("SVIDs %v verified=%v (%s), want [%s]", e.IDs, e.Verified, e.Error, want)
 	}
 }
 
@@ -123,8 +175,8 @@ func TestMountedDirectoryIsReadOnly(t *testing.T) {
 	ns := "e2e-readonly"
 	ensureNamespace(ctx, t, ns)
 	p := workloadPod(ns, "readonly", "default", withArgs("watch", "--probe-write", socketMountPath))
-	// Root in the container and a writable volumeMount: only the driver's
-	// read-only publish can stop the write.
+	// Root in the container and a volumeMount without readOnly: only the
+	// volume's read-only publish can stop the write.
 	p.Spec.Containers[0].VolumeMounts[0].ReadOnly = false
 	root, no := int64(0), false
 	p.Spec.Containers[0].SecurityContext.RunAsUser = &root

@@ -50,6 +50,7 @@ var suite struct {
 var defaultIDNamespaces = []string{
 	"e2e-basic", "e2e-readonly", "e2e-hostpath", "e2e-writable", "e2e-unpublish",
 	"e2e-restart", "e2e-poststart", "e2e-ns-a", "e2e-ns-b", "e2e-latency",
+	"demo", // deploy/kind/example
 }
 
 const rulesNamespace = "e2e-rules"
@@ -183,17 +184,7 @@ func setupKind(ctx context.Context, node string, logf func(string, ...any)) erro
 	if err := yaml.Unmarshal([]byte(cm.Data["config.yaml"]), &conf); err != nil {
 		return err
 	}
-	for k, v := range agentOverrides() {
-		if sub, ok := v.(map[string]any); ok {
-			if cur, ok := conf[k].(map[string]any); ok {
-				for sk, sv := range sub {
-					cur[sk] = sv
-				}
-				continue
-			}
-		}
-		conf[k] = v
-	}
+	framework.MergeConfig(conf, agentOverrides())
 	raw, err := yaml.Marshal(conf)
 	if err != nil {
 		return err

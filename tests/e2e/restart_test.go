@@ -154,7 +154,9 @@ func TestAgentSIGKILLKeepsRecordsAndServesRunningPods(t *testing.T) {
 		t.Errorf("records: %d before the kill, %d after", len(recsBefore), len(recsAfter))
 	}
 	for _, r := range recsBefore {
-		if !slices.ContainsFunc(recsAfter, func(a records.Record) bool { return a.TargetPath == r.TargetPath && a.PodUID == r.PodUID && a.ServiceAccount == r.ServiceAccount }) {
+		if !slices.ContainsFunc(recsAfter, func(a records.Record) bool {
+			return a.TargetPath == r.TargetPath && a.PodUID == r.PodUID && a.ServiceAccount == r.ServiceAccount
+		}) {
 			t.Errorf("record for %s lost in the kill", r.TargetPath)
 		}
 	}

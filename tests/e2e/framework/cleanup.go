@@ -130,6 +130,7 @@ func Cleanup(base, artifacts string, logf func(string, ...any)) error {
 	for k, v := range st.Sysctls {
 		note(os.WriteFile("/proc/sys/"+k, []byte(v), 0o644))
 	}
+	note(removeLinksInto("/var/log/containers", base))
 	for i := len(st.Created) - 1; i >= 0; i-- {
 		note(removeAll(st.Created[i]))
 	}
@@ -197,29 +198,28 @@ func killKubepods() error {
 	return nil
 }
 
-// killShims stops containerd shims the node's containerd recorded (shim.pid
-// in its task state), after checking each PID is still a shim.
+// killShims stops the containerd shims of the node's containerd: a shim
+// runs in its task's bundle directory, under the node's containerd state,
+// which identifies it as ours without trusting a name.
 func killShims(ctrdState string) error {
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return err
+	}
 	var errs []error
-	_ = filepath.WalkDir(ctrdState, func(p string, e fs.DirEntry, err error) error {
-		if err != nil || e.IsDir() || e.Name() != "shim.pid" {
-			return nil
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
 		}
-		b, _ := os.ReadFile(p)
-		pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
-		if err != nil || pid <= 0 {
-			return nil
+		cwd, err := os.Readlink(fmt.Sprintf("/proc/%d/cwd", pid))
+		if err != nil || !under(strings.TrimSuffix(cwd, " (deleted)"), ctrdState) {
+			continue
 		}
-		exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
-		if !strings.Contains(filepath.Base(exe), "containerd-shim") {
-			return nil
-		}
-		st, err := startTime(pid)
-		if err == nil {
+		if st, err := startTime(pid); err == nil {
 			errs = append(errs, stopRecord(ProcRecord{PID: pid, StartTime: st}, 5*time.Second))
 		}
-		return nil
-	})
+	}
 	return errors.Join(errs...)
 }
 
@@ -338,6 +338,27 @@ func removeKubepods() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// removeLinksInto removes the kubelet's container log links in dir that
+// point into base, for when dir existed before the run.
+func removeLinksInto(dir, base string) error {
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		p := filepath.Join(dir, e.Name())
+		if target, err := os.Readlink(p); err == nil && under(target, base) {
+			if err := os.Remove(p); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 // removeAll removes a tree, refusing when a mount is still inside it.

@@ -3,7 +3,9 @@ package framework
 import (
 	"context"
 	"fmt"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -37,12 +39,18 @@ func (k *Kind) Mounts(ctx context.Context) ([]Mount, error) {
 	return parseMountinfoText(out), nil
 }
 
+// Records copies the node's records directory out and reads it with the
+// records package, as the agent would.
 func (k *Kind) Records(ctx context.Context) ([]records.Record, error) {
-	out, err := k.exec(ctx, "for f in /var/lib/csi-agent/records/*.json; do [ -f \"$f\" ] && cat \"$f\" && echo; done; true")
+	tmp, err := os.MkdirTemp("", "csi-agent-records-")
 	if err != nil {
 		return nil, err
 	}
-	return decodeRecords(strings.NewReader(out))
+	defer os.RemoveAll(tmp)
+	if out, err := exec.CommandContext(ctx, "docker", "cp", k.Container+":/var/lib/csi-agent/records", tmp).CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("docker cp records: %w: %s", err, out)
+	}
+	return records.Load(filepath.Join(tmp, "records"))
 }
 
 func (k *Kind) RestartKubelet(ctx context.Context) error {

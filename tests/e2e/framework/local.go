@@ -427,8 +427,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 	if err := os.WriteFile(n.d.ctrdConfig, []byte(conf), 0o644); err != nil {
 		return err
 	}
-	if err := n.st.remember("/run/containerd"); err != nil {
-		return err
+	// Shim sockets go to /run/containerd/s, pod network namespaces (none
+	// here: every pod uses the host network) to /run/netns.
+	for _, p := range []string{"/run/containerd", "/run/netns"} {
+		if err := n.st.remember(p); err != nil {
+			return err
+		}
 	}
 	if err := n.st.save(n.opts.Base); err != nil {
 		return err
@@ -504,7 +508,7 @@ maxPods: 110
 	if err := writeKubeconfig(kc, n.Rest.Host, pki("ca.crt"), pki("kubelet-client.crt"), pki("kubelet-client.key")); err != nil {
 		return err
 	}
-	for _, p := range []string{"/var/lib/kubelet", "/var/log/containers"} {
+	for _, p := range []string{"/var/lib/kubelet", "/var/lib/kubelet/device-plugins", "/var/log/containers"} {
 		if err := n.st.remember(p); err != nil {
 			return err
 		}

@@ -126,6 +126,13 @@ func AgentConfig(objs []*unstructured.Unstructured, overrides map[string]any) (m
 	if err := yaml.Unmarshal([]byte(raw), &cfg); err != nil {
 		return nil, fmt.Errorf("ConfigMap %s config.yaml: %w", AgentConfigMap, err)
 	}
+	MergeConfig(cfg, overrides)
+	return cfg, nil
+}
+
+// MergeConfig replaces top-level keys of an agent config with overrides; a
+// map value is merged one level deep, a nil value deletes the key.
+func MergeConfig(cfg, overrides map[string]any) {
 	for k, v := range overrides {
 		if v == nil {
 			delete(cfg, k)
@@ -141,7 +148,6 @@ func AgentConfig(objs []*unstructured.Unstructured, overrides map[string]any) (m
 		}
 		cfg[k] = v
 	}
-	return cfg, nil
 }
 
 // StaticAgentPod turns the DaemonSet's pod template into a static pod, the
@@ -186,6 +192,27 @@ func StaticAgentPod(objs []*unstructured.Unstructured, configDir, tokenDir strin
 		Spec:       spec,
 	}
 	return yaml.Marshal(pod)
+}
+
+// PodFromDeployment returns a pod made from a Deployment's pod template, for
+// a node without a Deployment controller.
+func PodFromDeployment(objs []*unstructured.Unstructured, name string) (*corev1.Pod, error) {
+	u, err := Find(objs, "Deployment", name)
+	if err != nil {
+		return nil, err
+	}
+	raw, err := json.Marshal(u.Object)
+	if err != nil {
+		return nil, err
+	}
+	var d appsv1.Deployment
+	if err := json.Unmarshal(raw, &d); err != nil {
+		return nil, err
+	}
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: d.Name, Namespace: d.Namespace, Labels: d.Spec.Template.Labels},
+		Spec:       d.Spec.Template.Spec,
+	}, nil
 }
 
 // UpstreamCAOverlay writes a kustomization that adds the upstream-ca

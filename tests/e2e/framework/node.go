@@ -2,13 +2,8 @@ package framework
 
 import (
 	"bufio"
-	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
-	"fmt"
-	"io"
-	"os"
 	"path/filepath"
 	"strings"
 	"time"
@@ -49,34 +44,7 @@ func (n *Local) Mounts(context.Context) ([]Mount, error) {
 }
 
 func (n *Local) Records(context.Context) ([]records.Record, error) {
-	files, err := filepath.Glob(filepath.Join(n.d.agentState, "records", "*.json"))
-	if err != nil {
-		return nil, err
-	}
-	var all bytes.Buffer
-	for _, f := range files {
-		b, err := os.ReadFile(f)
-		if err != nil && !errors.Is(err, os.ErrNotExist) {
-			return nil, err
-		}
-		all.Write(b)
-		all.WriteByte('\n')
-	}
-	return decodeRecords(&all)
-}
-
-func decodeRecords(r io.Reader) ([]records.Record, error) {
-	var out []records.Record
-	dec := json.NewDecoder(r)
-	for {
-		var rec records.Record
-		if err := dec.Decode(&rec); err == io.EOF {
-			return out, nil
-		} else if err != nil {
-			return nil, fmt.Errorf("decoding records: %w", err)
-		}
-		out = append(out, rec)
-	}
+	return records.Load(filepath.Join(n.d.agentState, "records"))
 }
 
 func (n *Local) RestartKubelet(ctx context.Context) error {

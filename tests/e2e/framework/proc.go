@@ -14,8 +14,8 @@ import (
 // ProcRecord identifies a process we started beyond PID reuse: its start time
 // (field 22 of /proc/<pid>/stat) must still match before we signal it.
 type ProcRecord struct {
-	PID       int    `json:"pid"`
-	StartTime uint64 `json:"startTime"`
+	PID       int      `json:"pid"`
+	StartTime uint64   `json:"startTime"`
 	Args      []string `json:"args"`
 }
 

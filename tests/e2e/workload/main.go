@@ -175,4 +175,3 @@ func fetch(ctx context.Context) error {
 	(&watcher{}).OnX509ContextUpdate(c)
 	return nil
 }
-
