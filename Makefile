@@ -2,16 +2,26 @@
 GO        ?= go
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -s -w -X main.version=$(VERSION)
-FUZZTIME  ?= 10s
+FUZZTIME  ?= 8s
 IMAGE     ?= csi-agent:$(VERSION)
 
-# Fuzz targets as package:Func; each runs for FUZZTIME in `make fuzz`.
+# Every parser of untrusted text, as package:Func; each fuzzes for FUZZTIME
+# in `make fuzz` (the seed corpora also run in every `go test`).
 FUZZ_TARGETS := \
 	./attestor/k8s:FuzzParseCgroup \
+	./attestor/k8s:FuzzParsePodList \
 	./attestor/unix:FuzzParseStatus \
+	./attestor/unix:FuzzParseIDNames \
+	./internal/peer:FuzzParseStat \
+	./csi:FuzzValidatePublish \
+	./csi:FuzzSplitTarget \
+	./internal/config:FuzzParse \
 	./internal/rules:FuzzCompileTemplate \
 	./internal/rules:FuzzSelector \
-	./internal/config:FuzzParse
+	./internal/federation:FuzzParseBundle \
+	./internal/ca:FuzzParsePrivateKeyPEM \
+	./internal/ca:FuzzParseCertificatesPEM \
+	./internal/ca:FuzzParseState
 
 .PHONY: all build test unit fuzz e2e kind-e2e bench vet image clean
 
