@@ -10,6 +10,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 
@@ -18,6 +19,7 @@ import (
 	workloadpb "github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
@@ -66,6 +68,11 @@ type Server struct {
 	mu          sync.Mutex
 	rulesChange chan struct{}
 
+	// encoded holds each SPIFFE ID's current SVID in wire form, so that a
+	// new connection does not re-encode a key the cache has not rotated.
+	encMu   sync.RWMutex
+	encoded map[string]encodedSVID
+
 	// afterAttest runs between attestation and the PID-reuse check; tests
 	// use it to make the caller exit at exactly that point.
 	afterAttest func(pid int32)
@@ -90,6 +97,7 @@ func New(opts Options) (*Server, error) {
 		cache:       opts.Cache,
 		fed:         opts.Federation,
 		rulesChange: make(chan struct{}),
+		encoded:     map[string]encodedSVID{},
 	}
 	s.rules.Store(opts.Rules)
 	return s, nil
@@ -247,26 +255,59 @@ func (s *Server) x509Response(ctx context.Context, ids []rules.Identity) (*workl
 			klog.ErrorS(err, "Minting X.509-SVID failed", "spiffe_id", id.ID.String())
 			return nil, nil, status.Errorf(codes.Unavailable, "could not mint X.509-SVID for %s: %v", id.ID, err)
 		}
-		key, err := x509.MarshalPKCS8PrivateKey(svid.PrivateKey)
+		enc, err := s.encode(id.ID.String(), id.DNSNames, svid)
 		if err != nil {
-			return nil, nil, status.Errorf(codes.Internal, "encode SVID key: %v", err)
-		}
-		chain := make([][]byte, len(svid.Certificates))
-		for i, c := range svid.Certificates {
-			chain[i] = c.Raw
+			return nil, nil, status.Errorf(codes.Internal, "encode SVID: %v", err)
 		}
 		resp.Svids = append(resp.Svids, &workloadpb.X509SVID{
 			SpiffeId:    id.ID.String(),
-			X509Svid:    bytes.Join(chain, nil),
-			X509SvidKey: key,
+			X509Svid:    enc.chain,
+			X509SvidKey: enc.key,
 			Bundle:      ownDER,
 			Hint:        id.Hint,
 		})
-		leaf := svid.Certificates[0]
-		issued = append(issued, issuedSVID{id: id.ID.String(), serial: hex.EncodeToString(leaf.SerialNumber.Bytes()), expires: leaf.NotAfter.UTC().Format("2006-01-02T15:04:05Z")})
+		issued = append(issued, enc.issued)
 	}
 	resp.FederatedBundles = s.federatedX509()
 	return resp, issued, nil
+}
+
+type encodedSVID struct {
+	svid   *x509svid.SVID
+	chain  []byte // DER certificates, leaf first
+	key    []byte // PKCS#8
+	issued issuedSVID
+}
+
+// encode returns the wire form of svid, encoding it only when the cache
+// handed out a new SVID for this ID and DNS names.
+func (s *Server) encode(id string, dns []string, svid *x509svid.SVID) (encodedSVID, error) {
+	k := id
+	if len(dns) > 0 {
+		k += "\x00" + strings.Join(dns, "\x00")
+	}
+	s.encMu.RLock()
+	e, ok := s.encoded[k]
+	s.encMu.RUnlock()
+	if ok && e.svid == svid {
+		return e, nil
+	}
+	key, err := x509.MarshalPKCS8PrivateKey(svid.PrivateKey)
+	if err != nil {
+		return encodedSVID{}, err
+	}
+	var chain []byte
+	for _, c := range svid.Certificates {
+		chain = append(chain, c.Raw...)
+	}
+	leaf := svid.Certificates[0]
+	e = encodedSVID{svid: svid, chain: chain, key: key, issued: issuedSVID{
+		id: id, serial: hex.EncodeToString(leaf.SerialNumber.Bytes()), expires: leaf.NotAfter.UTC().Format("2006-01-02T15:04:05Z"),
+	}}
+	s.encMu.Lock()
+	s.encoded[k] = e // replaces the rotated one: one entry per identity
+	s.encMu.Unlock()
+	return e, nil
 }
 
 func sameX509Response(a, b *workloadpb.X509SVIDResponse) bool {
