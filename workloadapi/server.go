@@ -177,7 +177,9 @@ func (s *Server) attest(ctx context.Context) (caller, error) {
 	// Only now that the facts are read do we know whether they were read
 	// from the process that connected and not from a successor on its PID.
 	if err := info.Alive(); err != nil {
-		klog.InfoS("Caller gone before attestation completed; denied", "pid", info.PID, "err", err)
+		klog.InfoS("Caller gone before attestation completed; denied, connection closed", "pid", info.PID, "err", err)
+		// Whoever still holds the socket is not the process we attested.
+		_ = info.CloseConnection()
 		return caller{}, status.Error(codes.PermissionDenied, "caller process exited during attestation")
 	}
 	return caller{pid: info.PID, attrs: attrs}, nil

@@ -48,6 +48,9 @@ func (c *transportCreds) ServerHandshake(rawConn net.Conn) (net.Conn, credential
 	if err != nil {
 		return nil, nil, err
 	}
+	// Closing the raw connection makes gRPC tear the transport down; the
+	// wrapper's Close still releases the process handle afterwards.
+	info.closeConn = rawConn.Close
 	ai := AuthInfo{
 		// No encryption; the socket never leaves the node.
 		CommonAuthInfo: credentials.CommonAuthInfo{SecurityLevel: credentials.NoSecurity},

@@ -94,6 +94,25 @@ func TestServerHandshakeReleasesHandleOnClose(t *testing.T) {
 	}
 }
 
+func TestCloseConnectionDropsTheClient(t *testing.T) {
+	server, client := unixPair(t)
+	defer client.Close()
+	conn, ai, err := Credentials().ServerHandshake(server)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if err := ai.(AuthInfo).Info.CloseConnection(); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := client.Read(make([]byte, 1)); err == nil {
+		t.Fatalf("client read %d bytes from a closed connection", n)
+	}
+	if err := (Info{}).CloseConnection(); err != nil {
+		t.Errorf("CloseConnection on a bare Info: %v", err)
+	}
+}
+
 func TestServerHandshakeRejectsTCP(t *testing.T) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -39,6 +39,18 @@ type Info struct {
 	GID uint32
 
 	h *handle
+	// closeConn drops the connection; set by Credentials' handshake.
+	closeConn func() error
+}
+
+// CloseConnection drops the caller's connection, for a caller that must not
+// keep talking (its process is gone and the pid may name another). A no-op
+// for an Info not made by Credentials.
+func (i Info) CloseConnection() error {
+	if i.closeConn == nil {
+		return nil
+	}
+	return i.closeConn()
 }
 
 // Alive returns nil when the process that connected still runs (has not
