@@ -25,47 +25,13 @@ func FromArgs(args []string, getenv func(string) string, usage io.Writer, extra 
 		configPath = fs.String("config", "", "YAML config file; flags override it")
 		dev        = fs.Bool("dev", false, "try it locally: temp dirs, CSI off, an SVID for the current user")
 	)
-	// Each flag writes into a pending override applied after the file.
-	type override struct {
-		apply func(*Config) error
-	}
-	overrides := map[string]override{}
-	str := func(name, usageText string, set func(*Config, string)) {
-		fs.Func(name, usageText, func(v string) error {
-			overrides[name] = override{func(c *Config) error { set(c, v); return nil }}
-			return nil
-		})
-	}
-	num := func(name, usageText string, set func(*Config, int)) {
-		fs.Func(name, usageText, func(v string) error {
-			n, err := strconv.Atoi(v)
-			if err != nil {
-				return fmt.Errorf("not a number: %q", v)
-			}
-			overrides[name] = override{func(c *Config) error { set(c, n); return nil }}
-			return nil
-		})
-	}
-	dur := func(name, usageText string, set func(*Config, Duration)) {
-		fs.Func(name, usageText, func(v string) error {
-			d, err := time.ParseDuration(v)
-			if err != nil {
-				return fmt.Errorf("not a duration: %q", v)
-			}
-			overrides[name] = override{func(c *Config) error { set(c, Duration(d)); return nil }}
-			return nil
-		})
-	}
-	boolean := func(name, usageText string, set func(*Config, bool)) {
-		fs.BoolFunc(name, usageText, func(v string) error {
-			b, err := strconv.ParseBool(v)
-			if err != nil {
-				return fmt.Errorf("not a boolean: %q", v)
-			}
-			overrides[name] = override{func(c *Config) error { set(c, b); return nil }}
-			return nil
-		})
-	}
+	// Each flag records a parsed override, applied after the file.
+	f := flagSet{fs: fs, overrides: map[string]func(*Config){}}
+	overrides := f.overrides
+	str := func(name, u string, set func(*Config, string)) { define(f, name, u, parseString, set) }
+	num := func(name, u string, set func(*Config, int)) { define(f, name, u, parseInt, set) }
+	dur := func(name, u string, set func(*Config, Duration)) { define(f, name, u, parseDuration, set) }
+	boolean := func(name, u string, set func(*Config, bool)) { define(f, name, u, parseBool, set) }
 
 	str("trust-domain", "trust domain (default "+DefaultTrustDomain+")", func(c *Config, v string) { c.TrustDomain = v })
 	str("state-dir", "state directory: CA material and CSI records (default "+DefaultStateDir+")", func(c *Config, v string) { c.StateDir = v })
@@ -108,16 +74,11 @@ func FromArgs(args []string, getenv func(string) string, usage io.Writer, extra 
 	if *dev {
 		applyDev(&cfg)
 	}
-	// Flags in the order given, so the last of a repeated flag wins.
-	var err error
 	fs.Visit(func(f *flag.Flag) {
-		if o, ok := overrides[f.Name]; ok && err == nil {
-			err = o.apply(&cfg)
+		if apply, ok := overrides[f.Name]; ok {
+			apply(&cfg)
 		}
 	})
-	if err != nil {
-		return cfg, err
-	}
 	if _, set := overrides["node-name"]; !set && cfg.NodeName == "" {
 		cfg.NodeName = getenv(DefaultNodeNameEnv)
 	}
@@ -161,4 +122,53 @@ func devBase() string {
 // DevSocketPath is where `run --dev` serves the Workload API by default.
 func DevSocketPath() string {
 	return filepath.Join(devBase(), "sockets", DefaultSocketName)
+}
+
+type flagSet struct {
+	fs        *flag.FlagSet
+	overrides map[string]func(*Config)
+}
+
+// define adds a flag whose value, once parsed, is kept as an override of
+// the config; the last of a repeated flag wins.
+func define[T any](f flagSet, name, usage string, parse func(string) (T, error), set func(*Config, T)) {
+	fn := func(v string) error {
+		x, err := parse(v)
+		if err != nil {
+			return err
+		}
+		f.overrides[name] = func(c *Config) { set(c, x) }
+		return nil
+	}
+	if _, isBool := any(*new(T)).(bool); isBool {
+		f.fs.BoolFunc(name, usage, fn)
+		return
+	}
+	f.fs.Func(name, usage, fn)
+}
+
+func parseString(v string) (string, error) { return v, nil }
+
+func parseInt(v string) (int, error) {
+	n, err := strconv.Atoi(v)
+	if err != nil {
+		return 0, fmt.Errorf("not a number: %q", v)
+	}
+	return n, nil
+}
+
+func parseDuration(v string) (Duration, error) {
+	d, err := time.ParseDuration(v)
+	if err != nil {
+		return 0, fmt.Errorf("not a duration: %q", v)
+	}
+	return Duration(d), nil
+}
+
+func parseBool(v string) (bool, error) {
+	b, err := strconv.ParseBool(v)
+	if err != nil {
+		return false, fmt.Errorf("not a boolean: %q", v)
+	}
+	return b, nil
 }
