@@ -10,6 +10,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -174,6 +175,14 @@ func (s *Server) attest(ctx context.Context) (caller, error) {
 			return caller{}, status.Errorf(codes.PermissionDenied, "attestation failed: %v", err)
 		}
 	}
+	// The kernel recorded the caller's effective ids at connect(); procfs
+	// shows them now. A process that exec'd a setuid binary since it
+	// connected would otherwise be attested as that binary's owner.
+	if err := sameCredentials(info, attrs); err != nil {
+		klog.InfoS("Caller's credentials changed since it connected; denied, connection closed", "pid", info.PID, "err", err)
+		_ = info.CloseConnection()
+		return caller{}, status.Errorf(codes.PermissionDenied, "caller credentials changed since connect: %v", err)
+	}
 	// Only now that the facts are read do we know whether they were read
 	// from the process that connected and not from a successor on its PID.
 	if err := info.Alive(); err != nil {
@@ -183,6 +192,21 @@ func (s *Server) attest(ctx context.Context) (caller, error) {
 		return caller{}, status.Error(codes.PermissionDenied, "caller process exited during attestation")
 	}
 	return caller{pid: info.PID, attrs: attrs}, nil
+}
+
+// sameCredentials checks the attested effective uid and gid against those
+// the kernel recorded at connect.
+func sameCredentials(info peer.Info, attrs attestor.Attributes) error {
+	for _, c := range []struct {
+		field string
+		want  uint32
+	}{{"unix.uid", info.UID}, {"unix.gid", info.GID}} {
+		got, ok := attrs.Get(c.field)
+		if !ok || got != strconv.FormatUint(uint64(c.want), 10) {
+			return fmt.Errorf("%s is %q now, %d at connect", c.field, got, c.want)
+		}
+	}
+	return nil
 }
 
 // entitled evaluates the rules for an attested caller.

@@ -60,6 +60,29 @@ func TestMain(m *testing.M) {
 			fmt.Printf("id=%s\n", s.ID)
 		}
 		os.Exit(0)
+	case "setuid-after-connect":
+		// Connect and ask as root, then change uid and ask again on the
+		// same connection, as a process that exec'd a setuid binary would.
+		sock := strings.TrimPrefix(os.Getenv("SPIFFE_ENDPOINT_SOCKET"), "unix://")
+		conn, err := dialRaw(sock)
+		if err != nil {
+			os.Exit(1)
+		}
+		c := workloadpb.NewSpiffeWorkloadAPIClient(conn)
+		ask := func() string {
+			resp, err := c.FetchJWTSVID(withHeader(context.Background()), &workloadpb.JWTSVIDRequest{Audience: []string{"a"}})
+			if err != nil {
+				return status.Code(err).String()
+			}
+			return resp.Svids[0].SpiffeId
+		}
+		first := ask()
+		if err := syscall.Setresuid(65534, 65534, 65534); err != nil {
+			fmt.Println("setresuid:", err)
+			os.Exit(1)
+		}
+		fmt.Printf("first=%s second=%s\n", first, ask())
+		os.Exit(0)
 	case "block":
 		// Connect, then wait for the parent to act; the RPC runs then.
 		sock := strings.TrimPrefix(os.Getenv("SPIFFE_ENDPOINT_SOCKET"), "unix://")
@@ -582,5 +605,26 @@ func TestPIDReuseGuard(t *testing.T) {
 			t.Fatal("no answer recorded for the child's RPC")
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestCredentialsChangedAfterConnectDenied(t *testing.T) {
+	testutil.RequireRoot(t)
+	a := startAgent(t, agentConfig{svids: []rules.SVID{
+		uidRule("/root", "0"),
+		uidRule("/nobody", "65534"),
+	}})
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), childEnv+"=setuid-after-connect", "SPIFFE_ENDPOINT_SOCKET="+a.addr())
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("child: %v\n%s", err, out)
+	}
+	// The kernel recorded uid 0 at connect; procfs now says 65534. Neither
+	// identity may be handed out on that connection, which the agent closes
+	// (so the client may see the transport go rather than the status).
+	got := strings.TrimSpace(string(out))
+	if got != "first=spiffe://example.org/root second=PermissionDenied" && got != "first=spiffe://example.org/root second=Unavailable" {
+		t.Fatalf("child reported %q", got)
 	}
 }
