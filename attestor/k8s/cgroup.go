@@ -72,28 +72,98 @@ func parseCgroupLine(line string) (podUID, containerID string, err error) {
 	return parseCgroupPath(path)
 }
 
+// parseCgroupPath finds the pod in a cgroup path. The pod segment must sit
+// where the kubelet puts pods: right under the kubepods root or one of its
+// QoS children, after only the prefixes a node can add (cgroup-namespace
+// "..", kind's node container, kind's "kubelet" root). Anyone with a
+// delegated cgroup subtree (a user session, rootless containers) can create
+// a directory named like a pod; one found anywhere else is an error, never
+// an answer.
 func parseCgroupPath(path string) (podUID, containerID string, err error) {
-	segs := strings.Split(path, "/")
-	for i, seg := range segs {
-		uid, inlineCID, isPod, err := parsePodSegment(seg)
+	var segs []string
+	for _, seg := range strings.Split(path, "/") {
+		if seg != "" {
+			segs = append(segs, seg)
+		}
+	}
+	i, ups := 0, 0
+	for i < len(segs) && segs[i] == ".." {
+		i++
+		ups++
+	}
+	if ups == 0 {
+		i = skipNodePrefix(segs, i)
+	}
+	if i < len(segs) && isKubepodsRoot(segs[i]) {
+		i++
+	}
+	if i < len(segs) && isQoSSegment(segs[i]) {
+		i++
+	}
+	if i < len(segs) {
+		uid, inlineCID, isPod, err := parsePodSegment(segs[i])
 		if err != nil {
 			return "", "", err
 		}
-		if !isPod {
-			continue
-		}
-		if inlineCID != "" {
-			return uid, inlineCID, nil
-		}
-		for _, next := range segs[i+1:] {
-			if next == "" {
-				continue
+		if isPod {
+			if inlineCID != "" {
+				return uid, inlineCID, nil
 			}
-			return uid, parseContainerSegment(next), nil
+			if i+1 < len(segs) {
+				return uid, parseContainerSegment(segs[i+1]), nil
+			}
+			return uid, "", nil
 		}
-		return uid, "", nil
+	}
+	for _, seg := range segs {
+		if _, _, isPod, _ := parsePodSegment(seg); isPod {
+			return "", "", fmt.Errorf("pod-like cgroup %q outside the kubepods hierarchy in %q", seg, path)
+		}
 	}
 	return "", "", nil
+}
+
+// skipNodePrefix passes over the cgroups of a node that is itself a
+// container (kind): /docker/<id>, /system.slice/docker-<id>.scope, then
+// the kubelet's own root, /kubelet or /kubelet.slice.
+func skipNodePrefix(segs []string, i int) int {
+	switch {
+	case i+1 < len(segs) && segs[i] == "docker" && isContainerID(segs[i+1]):
+		i += 2
+	case i+1 < len(segs) && segs[i] == "system.slice" && isDockerScope(segs[i+1]):
+		i += 2
+	}
+	if i < len(segs) && (segs[i] == "kubelet" || segs[i] == "kubelet.slice") {
+		i++
+	}
+	return i
+}
+
+func isDockerScope(seg string) bool {
+	id, ok := strings.CutPrefix(seg, "docker-")
+	if !ok {
+		return false
+	}
+	id, ok = strings.CutSuffix(id, ".scope")
+	return ok && isContainerID(id)
+}
+
+func isKubepodsRoot(seg string) bool {
+	switch seg {
+	case "kubepods", "kubepods.slice", "kubelet-kubepods.slice":
+		return true
+	}
+	return false
+}
+
+func isQoSSegment(seg string) bool {
+	switch seg {
+	case "burstable", "besteffort",
+		"kubepods-burstable.slice", "kubepods-besteffort.slice",
+		"kubelet-kubepods-burstable.slice", "kubelet-kubepods-besteffort.slice":
+		return true
+	}
+	return false
 }
 
 // parsePodSegment recognises a pod cgroup name:

@@ -59,6 +59,12 @@ func TestParseCgroupFiles(t *testing.T) {
 		{file: "bad-malformed-systemd-uid", wantErr: "malformed pod UID"},
 		{file: "bad-colon-no-id", wantErr: "no container ID"},
 		{file: "bad-line", wantErr: "line 2"},
+		// Pod-shaped names in a subtree someone else can create (a user
+		// session's delegated cgroups): never a pod.
+		{file: "bad-spoof-user-session", wantErr: "outside the kubepods hierarchy"},
+		{file: "bad-spoof-kubepods-under-user", wantErr: "outside the kubepods hierarchy"},
+		{file: "bad-spoof-systemd-under-user", wantErr: "outside the kubepods hierarchy"},
+		{file: "bad-spoof-cgroupns-user", wantErr: "outside the kubepods hierarchy"},
 	}
 	seen := map[string]bool{}
 	for _, tt := range tests {

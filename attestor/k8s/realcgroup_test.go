@@ -21,48 +21,56 @@ import (
 	"github.com/csi-agent/csi-agent/internal/testutil"
 )
 
-// cgroupSandbox is a private subtree in every writable cgroup hierarchy of
-// the host (a v1 controller and the v2 tree, whichever exist), under which
-// tests build kubepods-like paths and place real processes.
+// cgroupSandbox places real processes in kubepods paths at the root of every
+// writable cgroup hierarchy of the host (a v1 controller and the v2 tree,
+// whichever exist), where a kubelet puts pods: the attestor only accepts
+// pods there. It creates only missing directories and removes exactly those.
 type cgroupSandbox struct {
-	t     *testing.T
-	v1    string // e.g. /sys/fs/cgroup/pids/<name>, "" when absent
-	v2    string // e.g. /sys/fs/cgroup/unified/<name>, "" when absent
-	roots []string
+	t       *testing.T
+	v1      string // e.g. /sys/fs/cgroup/pids, "" when absent
+	v2      string // e.g. /sys/fs/cgroup/unified, "" when absent
+	roots   []string
+	created []string // in creation order
 }
 
 func newCgroupSandbox(t *testing.T) *cgroupSandbox {
 	t.Helper()
-	var b [6]byte
-	rand.Read(b[:])
-	name := "csi-agent-test-" + hex.EncodeToString(b[:])
 	s := &cgroupSandbox{t: t}
-	if base := findHierarchy(unix.CGROUP2_SUPER_MAGIC, "/sys/fs/cgroup", "/sys/fs/cgroup/unified"); base != "" {
-		s.v2 = filepath.Join(base, name)
-	}
-	if base := findHierarchy(unix.CGROUP_SUPER_MAGIC, "/sys/fs/cgroup/pids", "/sys/fs/cgroup/freezer", "/sys/fs/cgroup/cpu"); base != "" {
-		s.v1 = filepath.Join(base, name)
-	}
+	s.v2 = findHierarchy(unix.CGROUP2_SUPER_MAGIC, "/sys/fs/cgroup", "/sys/fs/cgroup/unified")
+	s.v1 = findHierarchy(unix.CGROUP_SUPER_MAGIC, "/sys/fs/cgroup/pids", "/sys/fs/cgroup/freezer", "/sys/fs/cgroup/cpu")
 	for _, r := range []string{s.v1, s.v2} {
-		if r == "" {
-			continue
+		if r != "" {
+			s.roots = append(s.roots, r)
 		}
-		if err := os.Mkdir(r, 0o755); err != nil {
-			t.Fatalf("create test cgroup: %v", err)
-		}
-		s.roots = append(s.roots, r)
 	}
 	if len(s.roots) == 0 {
 		t.Fatal("no cgroup hierarchy found under /sys/fs/cgroup")
 	}
 	t.Cleanup(func() {
-		for _, r := range s.roots {
-			if err := removeCgroupTree(r); err != nil {
-				t.Errorf("remove test cgroup %s: %v", r, err)
+		for i := len(s.created) - 1; i >= 0; i-- {
+			if err := removeCgroupTree(s.created[i]); err != nil {
+				t.Errorf("remove test cgroup %s: %v", s.created[i], err)
 			}
 		}
 	})
 	return s
+}
+
+// mkdir creates the missing directories of dir below root, remembering them.
+func (s *cgroupSandbox) mkdir(root, rel string) string {
+	s.t.Helper()
+	dir := root
+	for _, part := range strings.Split(rel, "/") {
+		dir = filepath.Join(dir, part)
+		if _, err := os.Stat(dir); err == nil {
+			continue
+		}
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			s.t.Fatal(err)
+		}
+		s.created = append(s.created, dir)
+	}
+	return dir
 }
 
 func findHierarchy(magic int64, candidates ...string) string {
@@ -120,10 +128,7 @@ func (s *cgroupSandbox) spawn(path string, v1Path ...string) int32 {
 		if r == s.v1 && len(v1Path) > 0 {
 			p = v1Path[0]
 		}
-		dir := filepath.Join(r, p)
-		if err := os.MkdirAll(dir, 0o755); err != nil {
-			s.t.Fatal(err)
-		}
+		dir := s.mkdir(r, p)
 		if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(cmd.Process.Pid)), 0o644); err != nil {
 			s.t.Fatalf("move pid %d into %s: %v", cmd.Process.Pid, dir, err)
 		}
@@ -180,6 +185,18 @@ func TestAttestRealProcessesInRealCgroups(t *testing.T) {
 	pStarting := sb.spawn(cgroupfsPath(uidN(4), cidN(41)))
 	pSystemd := sb.spawn(systemdPath(uidN(5), cidN(51)))
 	pHost := sb.spawn("system.slice/example.service")
+	// A user with a delegated cgroup subtree names cgroups after a real pod
+	// that has a mount record, and moves its own process there.
+	var b [6]byte
+	rand.Read(b[:])
+	pSpoof := sb.spawn("csi-agent-test-" + hex.EncodeToString(b[:]) + ".slice/user@1000.service/" + cgroupfsPath(uidN(1), cidN(13)))
+
+	t.Run("pod-named cgroup outside the kubepods hierarchy", func(t *testing.T) {
+		attrs, err := a.Attest(context.Background(), pSpoof)
+		if !errors.Is(err, attestor.ErrDenied) || attrs != nil {
+			t.Fatalf("(%v, %v), want denied", attrs, err)
+		}
+	})
 
 	t.Run("identity", func(t *testing.T) {
 		attrs, err := a.Attest(context.Background(), pApp)
