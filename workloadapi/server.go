@@ -76,7 +76,7 @@ type Server struct {
 
 	// afterAttest runs between attestation and the PID-reuse check; tests
 	// use it to make the caller exit at exactly that point.
-	afterAttest func(pid int32)
+	afterAttest atomic.Pointer[func(pid int32)]
 }
 
 // New returns a server that answers Unavailable until SetReady(true).
@@ -160,8 +160,8 @@ func (s *Server) attest(ctx context.Context) (caller, error) {
 		return caller{}, status.Error(codes.PermissionDenied, "caller is outside the agent's PID namespace (the agent needs the host PID namespace)")
 	}
 	attrs, err := s.attestor.Attest(ctx, info.PID)
-	if s.afterAttest != nil {
-		s.afterAttest(info.PID)
+	if hook := s.afterAttest.Load(); hook != nil {
+		(*hook)(info.PID)
 	}
 	if err != nil {
 		klog.InfoS("Attestation failed", "pid", info.PID, "uid", info.UID, "err", err)
@@ -223,20 +223,23 @@ func (s *Server) entitled(c caller) ([]rules.Identity, error) {
 // SVID rotates, a bundle changes or the rules change.
 func (s *Server) FetchX509SVID(_ *workloadpb.X509SVIDRequest, stream grpc.ServerStreamingServer[workloadpb.X509SVIDResponse]) error {
 	ctx := stream.Context()
-	c, err := s.attest(ctx)
-	if err != nil {
-		return err
-	}
-	var last *workloadpb.X509SVIDResponse
-	sent := map[string]bool{} // serials already audited on this stream
+	var (
+		last    *workloadpb.X509SVIDResponse
+		audited map[string]bool // serials in the last message, already audited
+	)
 	for {
 		cacheCh, rulesCh, fedCh := s.cache.Changed(), s.rulesChanged(), s.federationChanged()
+		// Attest again at every change: a stream must stop the moment its
+		// caller is gone or no longer entitled (pod relabelled, volume
+		// unpublished, rules reloaded), not keep receiving rotated keys.
+		c, err := s.attest(ctx)
+		if err != nil {
+			return err
+		}
 		ids, err := s.entitled(c)
 		if err != nil {
 			if last != nil {
-				// Identities revoked by a rule change: tell the client
-				// by ending the stream with the reason.
-				klog.InfoS("X.509-SVIDs revoked for caller", "pid", c.pid)
+				klog.InfoS("X.509-SVIDs revoked for caller; stream ended", "pid", c.pid, "err", err)
 			}
 			return err
 		}
@@ -248,13 +251,14 @@ func (s *Server) FetchX509SVID(_ *workloadpb.X509SVIDRequest, stream grpc.Server
 			if err := stream.Send(resp); err != nil {
 				return err
 			}
+			now := make(map[string]bool, len(issued))
 			for _, iss := range issued {
-				if !sent[iss.serial] {
-					sent[iss.serial] = true
+				now[iss.serial] = true
+				if !audited[iss.serial] {
 					klog.InfoS("Issued X.509-SVID", "spiffe_id", iss.id, "serial", iss.serial, "expires", iss.expires, "pid", c.pid, "attributes", c.attrs.String())
 				}
 			}
-			last = resp
+			last, audited = resp, now
 		}
 		select {
 		case <-ctx.Done():
@@ -298,6 +302,10 @@ func (s *Server) x509Response(ctx context.Context, ids []rules.Identity) (*workl
 	return resp, issued, nil
 }
 
+// maxEncoded bounds the wire-form cache: far above the identities one node
+// serves at a time.
+const maxEncoded = 4096
+
 type encodedSVID struct {
 	svid   *x509svid.SVID
 	chain  []byte // DER certificates, leaf first
@@ -331,6 +339,11 @@ func (s *Server) encode(id string, dns []string, svid *x509svid.SVID) (encodedSV
 		id: id, serial: hex.EncodeToString(leaf.SerialNumber.Bytes()), expires: leaf.NotAfter.UTC().Format("2006-01-02T15:04:05Z"),
 	}}
 	s.encMu.Lock()
+	if len(s.encoded) >= maxEncoded {
+		// Identities come and go with pods; drop the lot rather than keep
+		// keys of workloads long gone. Re-encoding is cheap.
+		clear(s.encoded)
+	}
 	s.encoded[k] = e // replaces the rotated one: one entry per identity
 	s.encMu.Unlock()
 	return e, nil
@@ -469,15 +482,21 @@ func (s *Server) FetchJWTBundles(_ *workloadpb.JWTBundlesRequest, stream grpc.Se
 	})
 }
 
-// streamBundles attests the caller, then sends the bundles at once and
-// again whenever they change, until the client goes away.
+// streamBundles sends the bundles at once and again whenever they change,
+// until the client goes away or is no longer entitled.
 func (s *Server) streamBundles(ctx context.Context, build func() (map[string][]byte, error), send func(map[string][]byte) error) error {
-	if _, err := s.attest(ctx); err != nil {
-		return err
-	}
 	var last map[string][]byte
 	for {
-		cacheCh, fedCh := s.cache.Changed(), s.federationChanged()
+		cacheCh, rulesCh, fedCh := s.cache.Changed(), s.rulesChanged(), s.federationChanged()
+		// As SPIRE does, bundles go to callers entitled to an identity,
+		// re-checked at every change like the SVID stream.
+		c, err := s.attest(ctx)
+		if err != nil {
+			return err
+		}
+		if _, err := s.entitled(c); err != nil {
+			return err
+		}
 		bundles, err := build()
 		if err != nil {
 			return status.Errorf(codes.Internal, "encode bundles: %v", err)
@@ -492,6 +511,7 @@ func (s *Server) streamBundles(ctx context.Context, build func() (map[string][]b
 		case <-ctx.Done():
 			return nil
 		case <-cacheCh:
+		case <-rulesCh:
 		case <-fedCh:
 		}
 	}

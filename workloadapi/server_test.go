@@ -207,6 +207,22 @@ func TestRawErrors(t *testing.T) {
 			_, err := c.FetchJWTSVID(withHeader(ctx), &workloadpb.JWTSVIDRequest{Audience: []string{"a"}})
 			return status.Code(err)
 		}, codes.PermissionDenied},
+		{"x509 bundles no matching rule", func() codes.Code {
+			st, err := c.FetchX509Bundles(withHeader(ctx), &workloadpb.X509BundlesRequest{})
+			if err != nil {
+				return status.Code(err)
+			}
+			_, err = st.Recv()
+			return status.Code(err)
+		}, codes.PermissionDenied},
+		{"jwt bundles no matching rule", func() codes.Code {
+			st, err := c.FetchJWTBundles(withHeader(ctx), &workloadpb.JWTBundlesRequest{})
+			if err != nil {
+				return status.Code(err)
+			}
+			_, err = st.Recv()
+			return status.Code(err)
+		}, codes.PermissionDenied},
 		{"jwt empty audience", func() codes.Code {
 			_, err := c.FetchJWTSVID(withHeader(ctx), &workloadpb.JWTSVIDRequest{})
 			return status.Code(err)
@@ -569,7 +585,7 @@ func TestPIDReuseGuard(t *testing.T) {
 	var pidOfChild atomic.Int32
 	reaped := make(chan struct{})
 	var once sync.Once
-	a.server.afterAttest = func(pid int32) {
+	hook := func(pid int32) {
 		if pid != pidOfChild.Load() {
 			return
 		}
@@ -579,6 +595,7 @@ func TestPIDReuseGuard(t *testing.T) {
 			close(reaped)
 		})
 	}
+	a.server.afterAttest.Store(&hook)
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -626,5 +643,38 @@ func TestCredentialsChangedAfterConnectDenied(t *testing.T) {
 	got := strings.TrimSpace(string(out))
 	if got != "first=spiffe://example.org/root second=PermissionDenied" && got != "first=spiffe://example.org/root second=Unavailable" {
 		t.Fatalf("child reported %q", got)
+	}
+}
+
+func TestStreamEndsWhenEntitlementIsLost(t *testing.T) {
+	a := startAgent(t, agentConfig{svids: defaultSVIDs()})
+	c := rawClient(t, a.socket)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	stream, err := c.FetchX509SVID(withHeader(ctx), &workloadpb.X509SVIDRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := stream.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	bundles, err := c.FetchX509Bundles(withHeader(ctx), &workloadpb.X509BundlesRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := bundles.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	// A reload whose rules no longer match this caller.
+	set, err := rules.Compile(spiffeid.RequireTrustDomainFromString("example.org"), []rules.SVID{uidRule("/someone-else", "4000000")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.server.SetRules(set)
+	if _, err := stream.Recv(); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("after the entitlement was lost the stream gave %v, want PermissionDenied", err)
+	}
+	if _, err := bundles.Recv(); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("bundle stream: %v, want PermissionDenied", err)
 	}
 }
