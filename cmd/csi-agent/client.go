@@ -142,7 +142,13 @@ func writeX509(dir string, svid *x509svid.SVID, bundles []*x509bundle.Bundle) er
 	if err := os.WriteFile(filepath.Join(dir, "svid.pem"), certs, 0o644); err != nil {
 		return err
 	}
-	if err := os.WriteFile(filepath.Join(dir, "svid_key.pem"), key, 0o600); err != nil {
+	// WriteFile keeps the mode of an existing file; a key must never inherit
+	// a readable one.
+	keyFile := filepath.Join(dir, "svid_key.pem")
+	if err := os.Remove(keyFile); err != nil && !os.IsNotExist(err) {
+		return err
+	}
+	if err := os.WriteFile(keyFile, key, 0o600); err != nil {
 		return err
 	}
 	return writeBundles(dir, bundles)

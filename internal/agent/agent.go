@@ -52,6 +52,14 @@ func CompileRules(td spiffeid.TrustDomain, cfg config.Config) (*rules.Set, error
 
 // Run runs the agent until ctx ends or a component fails.
 func Run(ctx context.Context, cfg config.Config, opts Options) error {
+	// Catch SIGHUP from the start: its default action would kill an agent
+	// that is still starting.
+	var hup chan os.Signal
+	if opts.Reload != nil {
+		hup = make(chan os.Signal, 1)
+		signal.Notify(hup, syscall.SIGHUP)
+		defer signal.Stop(hup)
+	}
 	td, err := spiffeid.TrustDomainFromString(cfg.TrustDomain)
 	if err != nil {
 		return fmt.Errorf("trustDomain: %w", err)
@@ -99,6 +107,10 @@ func Run(ctx context.Context, cfg config.Config, opts Options) error {
 	})}
 	if cfg.KubernetesEnabled() {
 		k := cfg.Kubernetes.Kubelet
+		if k.TokenFile == config.DefaultTokenFile && (k.ReadOnlyPort > 0 || k.Anonymous || k.ClientCertFile != "") {
+			// The default token only applies when nothing else was chosen.
+			k.TokenFile = ""
+		}
 		kc, err := k8s.NewKubeletClient(k8s.KubeletConfig{
 			NodeName: cfg.NodeName, Host: k.Host, Port: k.Port, ReadOnlyPort: k.ReadOnlyPort,
 			TokenFile: k.TokenFile, CAFile: k.CAFile, ClientCertFile: k.ClientCertFile, ClientKeyFile: k.ClientKeyFile,
@@ -192,7 +204,7 @@ func Run(ctx context.Context, cfg config.Config, opts Options) error {
 	}
 
 	if opts.Reload != nil {
-		g.Go(func() error { return reloadOnHUP(ctx, td, wl, cache, att, opts.Reload) })
+		g.Go(func() error { return reloadOnHUP(ctx, hup, td, wl, cache, att, opts.Reload) })
 	}
 
 	wl.SetReady(true)
@@ -210,12 +222,10 @@ func Run(ctx context.Context, cfg config.Config, opts Options) error {
 	return nil
 }
 
-// reloadOnHUP swaps the rules on SIGHUP. A config that fails to load keeps
-// the running rules: a typo must not revoke every identity on the node.
-func reloadOnHUP(ctx context.Context, td spiffeid.TrustDomain, wl *workloadapi.Server, cache *identity.Cache, att *chain, reload func() (config.Config, error)) error {
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
+// reloadOnHUP swaps the rules (svids) on SIGHUP; other settings need a
+// restart. A config that fails to load keeps the running rules: a typo must
+// not revoke every identity on the node.
+func reloadOnHUP(ctx context.Context, hup <-chan os.Signal, td spiffeid.TrustDomain, wl *workloadapi.Server, cache *identity.Cache, att *chain, reload func() (config.Config, error)) error {
 	for {
 		select {
 		case <-ctx.Done():
@@ -235,7 +245,7 @@ func reloadOnHUP(ctx context.Context, td spiffeid.TrustDomain, wl *workloadapi.S
 		att.rules.Store(set)
 		wl.SetRules(set)
 		cache.Notify()
-		klog.InfoS("Rules reloaded", "svids", len(cfg.SVIDs))
+		klog.InfoS("Rules reloaded; other settings take effect on restart", "svids", len(cfg.SVIDs))
 	}
 }
 

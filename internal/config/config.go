@@ -205,6 +205,9 @@ func describeDecodeError(err error) error {
 		if field == "" {
 			field = "(top level)"
 		}
+		if te.Value == "bool" && te.Type.Kind() == reflect.String {
+			return fmt.Errorf("%s: want a string, got a boolean (YAML reads a bare on/off/yes/no/y/n as one: quote the value)", field)
+		}
 		return fmt.Errorf("%s: want %s, got %s", field, te.Type, te.Value)
 	}
 	return err
@@ -364,6 +367,9 @@ func (c *Config) Validate() error {
 		}
 		if (k.ClientCertFile == "") != (k.ClientKeyFile == "") {
 			return errors.New("kubernetes.kubelet.clientCertFile: clientCertFile and clientKeyFile go together")
+		}
+		if k.ReadOnlyPort == 0 && !k.InsecureSkipVerify && k.Host == "" && c.NodeName == "" {
+			return fmt.Errorf("nodeName: required to verify the kubelet's serving certificate (set --node-name or $%s, or kubernetes.kubelet.host)", DefaultNodeNameEnv)
 		}
 		if k.InsecureSkipVerify && k.CAFile != "" {
 			return errors.New("kubernetes.kubelet.insecureSkipVerify: cannot be combined with caFile")

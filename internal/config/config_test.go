@@ -68,6 +68,8 @@ func TestMalformedConfigNamesField(t *testing.T) {
 		{"csi without node name", "csi: {socket: /p/csi.sock}", "nodeName"},
 		{"kubelet port", "nodeName: node1\ncsi: {socket: /p/csi.sock}\nkubernetes: {kubelet: {port: 70000}}", "kubernetes.kubelet.port"},
 		{"cert without key", "nodeName: node1\ncsi: {socket: /p/csi.sock}\nkubernetes: {kubelet: {clientCertFile: /c}}", "kubernetes.kubelet.clientCertFile"},
+		{"kubelet unverifiable", "kubernetes: {enabled: true, crossCheck: 'off'}", "nodeName"},
+		{"bare off", "kubernetes: {crossCheck: off}", "kubernetes.crossCheck: want a string, got a boolean (YAML reads a bare on/off"},
 		{"upstream half", "ca: {upstreamKeyFile: /k}", "ca.upstreamCertFile"},
 		{"ttl too short", "ca: {jwtSVIDTTL: 1s}", "ca.jwtSVIDTTL"},
 		{"not yaml", "trustDomain: [", "YAML"},
