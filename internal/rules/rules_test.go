@@ -193,8 +193,7 @@ func TestEvaluateTemplates(t *testing.T) {
 		{"ns and sa", "/ns/{kubernetes.namespace}/sa/{kubernetes.service_account}", podAttrs(), "spiffe://example.org/ns/payments/sa/api"},
 		{"full form", "spiffe://example.org/ns/{kubernetes.namespace}", podAttrs(), "spiffe://example.org/ns/payments"},
 		{"static", "/static", podAttrs(), "spiffe://example.org/static"},
-		{"inside a segment", "/pod-{kubernetes.pod_name}.{kubernetes.container_name}", podAttrs(), "spiffe://example.org/pod-api-7d9f.api"},
-		{"adjacent placeholders", "/{kubernetes.namespace}{kubernetes.service_account}", podAttrs(), "spiffe://example.org/paymentsapi"},
+		{"inside a segment", "/pod-{kubernetes.pod_name}.v1", podAttrs(), "spiffe://example.org/pod-api-7d9f.v1"},
 		{"label with prefix", "/db/{kubernetes.pod_label.app.kubernetes.io/instance}", podAttrs(), "spiffe://example.org/db/db-1"},
 		{"upper case kept verbatim", "/ns/{kubernetes.namespace}", with(podAttrs(), "kubernetes.namespace", "Payments"), "spiffe://example.org/ns/Payments"},
 		{"dots inside a value", "/v/{kubernetes.pod_label.app}", with(podAttrs(), "kubernetes.pod_label.app", "1.2.3"), "spiffe://example.org/v/1.2.3"},
@@ -619,5 +618,25 @@ func TestPending(t *testing.T) {
 	}
 	if Default(td).Pending(pod("a", "b", "c"), container) {
 		t.Error("default rules wait for containers")
+	}
+}
+
+func TestTwoPlaceholdersInOneSegmentRefused(t *testing.T) {
+	td := spiffeid.RequireTrustDomainFromString("example.org")
+	for _, tc := range []struct {
+		svid SVID
+		want string
+	}{
+		{SVID{SPIFFEID: "/{kubernetes.namespace}-{kubernetes.service_account}", Rules: []Rule{{Selectors: []string{"k8s:ns:a"}}}}, "svids[0].spiffeID: two placeholders in one path segment"},
+		{SVID{SPIFFEID: "/x/{kubernetes.namespace}{kubernetes.pod_name}", Rules: []Rule{{Selectors: []string{"k8s:ns:a"}}}}, "svids[0].spiffeID: two placeholders in one path segment"},
+		{SVID{SPIFFEID: "/x", DNSNames: []string{"{kubernetes.pod_name}-{kubernetes.namespace}.svc"}, Rules: []Rule{{Selectors: []string{"k8s:ns:a"}}}}, "svids[0].dnsNames[0]: two placeholders in one DNS label"},
+	} {
+		if _, err := Compile(td, []SVID{tc.svid}); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%+v: %v, want %q", tc.svid, err, tc.want)
+		}
+	}
+	// One per segment or label is fine.
+	if _, err := Compile(td, []SVID{{SPIFFEID: "/ns/{kubernetes.namespace}/sa/{kubernetes.service_account}", DNSNames: []string{"{kubernetes.pod_name}.{kubernetes.namespace}.svc"}, Rules: []Rule{{Selectors: []string{"k8s:ns:a"}}}}}); err != nil {
+		t.Fatal(err)
 	}
 }

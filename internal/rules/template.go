@@ -186,6 +186,9 @@ func compileIDTemplate(td spiffeid.TrustDomain, s string) (idTemplate, error) {
 	if err := t.checkLiterals(offset, isPathLiteralChar); err != nil {
 		return idTemplate{}, err
 	}
+	if err := t.onePlaceholderPer('/', "path segment"); err != nil {
+		return idTemplate{}, err
+	}
 	prefix := spiffeScheme + td.Name()
 	sample := t.sample()
 	if err := spiffeid.ValidatePath(sample); err != nil {
@@ -231,6 +234,25 @@ func (it *idTemplate) render(attrs attestor.Attributes) (spiffeid.ID, renderFail
 	return id, renderFailure{}
 }
 
+// onePlaceholderPer refuses two placeholders in one segment: values may hold
+// the characters that would separate them, so {namespace}-{service_account}
+// renders "team-a-web" for both team-a/web and team/a-web.
+func (t template) onePlaceholderPer(sep byte, unit string) error {
+	n := 0
+	for _, p := range t.parts {
+		if p.field == "" {
+			if strings.IndexByte(p.literal, sep) >= 0 {
+				n = 0
+			}
+			continue
+		}
+		if n++; n > 1 {
+			return fmt.Errorf("two placeholders in one %s ({%s}): two workloads could render the same name; give each placeholder its own %s", unit, p.field, unit)
+		}
+	}
+	return nil
+}
+
 // isPathLiteralChar accepts the bytes a SPIFFE ID path may hold, whatever
 // build tags go-spiffe was compiled with.
 func isPathLiteralChar(c byte) bool {
@@ -273,6 +295,9 @@ func compileDNSTemplate(s string) (dnsTemplate, error) {
 	// A wildcard only as the whole first label of the configured text; a
 	// value can never produce one.
 	if err := t.checkLiterals(0, isDNSLiteralChar); err != nil {
+		return dnsTemplate{}, err
+	}
+	if err := t.onePlaceholderPer('.', "DNS label"); err != nil {
 		return dnsTemplate{}, err
 	}
 	if i := strings.IndexByte(s, '*'); i >= 0 && (i != 0 || !strings.HasPrefix(s, "*.")) {
