@@ -10,18 +10,17 @@
 package records
 
 import (
-	"bufio"
 	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
 
 	"github.com/csi-agent/csi-agent/internal/fsutil"
 )
@@ -118,32 +117,35 @@ func newStore(dir string) *Store {
 }
 
 func (s *Store) replay(path string) error {
-	f, err := os.Open(path)
+	data, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil
 	}
 	if err != nil {
-		return fmt.Errorf("open records journal: %w", err)
+		return fmt.Errorf("read records journal: %w", err)
 	}
-	defer f.Close()
-	r := bufio.NewReader(f)
-	for n := 1; ; n++ {
-		line, err := r.ReadBytes('\n')
-		if errors.Is(err, io.EOF) {
-			// No newline: the append of this line never completed.
-			return nil
-		}
-		if err != nil {
-			return fmt.Errorf("read records journal: %w", err)
+	lines := bytes.SplitAfter(data, []byte("\n"))
+	for n, line := range lines {
+		last := n == len(lines)-1 || n == len(lines)-2 && len(lines[n+1]) == 0
+		if len(line) == 0 {
+			continue
 		}
 		var e entry
-		if err := json.Unmarshal(bytes.TrimSuffix(line, []byte("\n")), &e); err != nil {
-			return fmt.Errorf("records journal %s line %d: %w", path, n, err)
+		err := json.Unmarshal(bytes.TrimSuffix(line, []byte("\n")), &e)
+		if err == nil {
+			err = s.apply(e)
 		}
-		if err := s.apply(e); err != nil {
-			return fmt.Errorf("records journal %s line %d: %w", path, n, err)
+		switch {
+		case err == nil:
+		case last:
+			// The last append never completed (no newline, or a write cut
+			// short): it was never acknowledged, so dropping it loses nothing.
+			klog.InfoS("Dropped an incomplete last line of the records journal", "journal", path, "line", n+1, "err", err)
+		default:
+			return fmt.Errorf("records journal %s line %d: %w", path, n+1, err)
 		}
 	}
+	return nil
 }
 
 func (s *Store) apply(e entry) error {
@@ -199,18 +201,37 @@ func (s *Store) compactLocked() error {
 		buf.WriteByte('\n')
 	}
 	path := filepath.Join(s.dir, journalName)
-	if err := fsutil.WriteFileAtomic(path, buf.Bytes(), 0o600); err != nil {
+	err := fsutil.WriteFileAtomic(path, buf.Bytes(), 0o600)
+	if err != nil && s.journal != nil && s.journalIsAt(path) {
+		// Failed before the rename: the old journal is still the live one.
 		return fmt.Errorf("compact records journal: %w", err)
 	}
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0o600)
-	if err != nil {
-		return fmt.Errorf("open records journal: %w", err)
-	}
+	// After the rename the old journal is unlinked: appending to it would be
+	// durable nowhere. Switch to the new file whatever else failed.
+	f, openErr := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0o600)
 	if s.journal != nil {
 		s.journal.Close()
+		s.journal = nil
+	}
+	if openErr != nil {
+		// No journal: writes fail until the agent restarts and replays.
+		return fmt.Errorf("open records journal: %w", openErr)
 	}
 	s.journal, s.size, s.lines = f, int64(buf.Len()), len(s.byTarget)
+	if fi, statErr := f.Stat(); statErr == nil {
+		s.size = fi.Size()
+	}
+	if err != nil {
+		return fmt.Errorf("compact records journal: %w", err)
+	}
 	return nil
+}
+
+// journalIsAt reports whether the open journal is the file at path.
+func (s *Store) journalIsAt(path string) bool {
+	open, err1 := s.journal.Stat()
+	named, err2 := os.Stat(path)
+	return err1 == nil && err2 == nil && os.SameFile(open, named)
 }
 
 // appendLocked writes one line and flushes it to disk. A failed write is
@@ -225,20 +246,37 @@ func (s *Store) appendLocked(e entry) error {
 	}
 	line = append(line, '\n')
 	if _, err := s.journal.Write(line); err != nil {
-		_ = s.journal.Truncate(s.size)
+		s.cutBackLocked()
 		return fmt.Errorf("append to records journal: %w", err)
 	}
 	if err := unix.Fdatasync(int(s.journal.Fd())); err != nil {
-		_ = s.journal.Truncate(s.size)
+		s.cutBackLocked()
 		return fmt.Errorf("flush records journal: %w", err)
 	}
 	s.size += int64(len(line))
 	s.lines++
+	return nil
+}
+
+// cutBackLocked removes a failed append. If even that fails, the store
+// stops writing: a later line after a partial one would make the journal
+// unreadable at the next start.
+func (s *Store) cutBackLocked() {
+	if err := s.journal.Truncate(s.size); err != nil {
+		klog.ErrorS(err, "Records journal could not be cut back after a failed write; refusing further writes until restart")
+		s.journal.Close()
+		s.journal = nil
+	}
+}
+
+// maybeCompactLocked rewrites the journal once it holds far more lines than
+// live records. It runs after the operation is applied to memory, which the
+// rewrite is made from. A failure is not fatal: every line is durable in the
+// old journal, which stays in use, and compaction is tried again next time.
+func (s *Store) maybeCompactLocked() {
 	if s.lines > len(s.byTarget)+compactSlack {
-		// Not fatal: the line is durable; compaction is retried next time.
 		_ = s.compactLocked()
 	}
-	return nil
 }
 
 // Put durably stores r, replacing any record for the same target path.
@@ -251,7 +289,11 @@ func (s *Store) Put(r Record) error {
 	if err := s.appendLocked(entry{Op: "put", Record: &r}); err != nil {
 		return fmt.Errorf("store record for %s: %w", r.TargetPath, err)
 	}
-	return s.apply(entry{Op: "put", Record: &r})
+	if err := s.apply(entry{Op: "put", Record: &r}); err != nil {
+		return err
+	}
+	s.maybeCompactLocked()
+	return nil
 }
 
 // Delete durably removes the record for target; an absent record is fine.
@@ -265,6 +307,7 @@ func (s *Store) Delete(target string) error {
 		return fmt.Errorf("delete record for %s: %w", target, err)
 	}
 	s.remove(target)
+	s.maybeCompactLocked()
 	return nil
 }
 

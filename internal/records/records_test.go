@@ -106,18 +106,22 @@ func TestTornLastLineDropped(t *testing.T) {
 }
 
 func TestDamagedJournalRefused(t *testing.T) {
+	// Damage before the last line: acknowledged records may be lost, so
+	// the store refuses to open rather than guess.
+	good := `{"op":"put","record":{"podUID":"u","targetPath":"/ok"}}` + "\n"
 	cases := map[string]string{
 		"garbage line":  "not json\n",
 		"unknown op":    `{"op":"frob"}` + "\n",
 		"put no record": `{"op":"put"}` + "\n",
 		"record no uid": `{"op":"put","record":{"targetPath":"/a"}}` + "\n",
 		"del no target": `{"op":"del"}` + "\n",
-		"bad then good": "{\n" + `{"op":"del","target":"/a"}` + "\n",
+		"cut short":     `{"op":"put","rec` + "\n",
 	}
-	for name, content := range cases {
+	for name, bad := range cases {
 		t.Run(name, func(t *testing.T) {
 			dir := t.TempDir()
 			path := filepath.Join(dir, journalName)
+			content := bad + good
 			if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
 				t.Fatal(err)
 			}
@@ -129,6 +133,26 @@ func TestDamagedJournalRefused(t *testing.T) {
 				t.Error("damaged journal was rewritten")
 			}
 		})
+	}
+}
+
+func TestDamagedLastLineDropped(t *testing.T) {
+	// A last line that does not decode was never acknowledged, even when
+	// a newline made it to disk (a write cut short): drop it and go on.
+	good := `{"op":"put","record":{"podUID":"u","targetPath":"/ok"}}` + "\n"
+	for _, tail := range []string{`{"op":"put","rec` + "\n", "\x00\x00\x00\n", `{"op":"frob"}`} {
+		dir := t.TempDir()
+		if err := os.WriteFile(filepath.Join(dir, journalName), []byte(good+tail), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		s, err := Open(dir)
+		if err != nil {
+			t.Fatalf("tail %q: %v", tail, err)
+		}
+		if got := targets(s.All()); strings.Join(got, ",") != "/ok" {
+			t.Errorf("tail %q: records %v", tail, got)
+		}
+		s.Close()
 	}
 }
 
@@ -251,5 +275,54 @@ func TestSecondOpenRefusedLoadAllowed(t *testing.T) {
 	s.Close()
 	if got := targets(open(t, dir).All()); strings.Join(got, ",") != "/a,/b" {
 		t.Fatalf("after close and reopen: %v", got)
+	}
+}
+
+// The operation that crosses the compaction threshold must be on disk after
+// the rewrite, whether it replaces a record (a re-publish) or removes one.
+// (A put of a new target adds a line and a live record: it never crosses.)
+func TestCompactionKeepsTheOperationThatTriggeredIt(t *testing.T) {
+	for _, last := range []string{"replace", "delete"} {
+		t.Run(last, func(t *testing.T) {
+			dir := t.TempDir()
+			s := open(t, dir)
+			if err := s.Put(rec("/kept", "old-pod")); err != nil {
+				t.Fatal(err)
+			}
+			// Each put/delete pair widens the gap between journal lines and
+			// live records by two; stop right at the threshold.
+			for s.lines-len(s.byTarget) < compactSlack {
+				if err := s.Put(rec("/churn", "u")); err != nil {
+					t.Fatal(err)
+				}
+				if err := s.Delete("/churn"); err != nil {
+					t.Fatal(err)
+				}
+			}
+			before := s.lines
+			switch last {
+			case "replace":
+				if err := s.Put(rec("/kept", "new-pod")); err != nil {
+					t.Fatal(err)
+				}
+			case "delete":
+				if err := s.Delete("/kept"); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if s.lines >= before {
+				t.Fatalf("no compaction happened (%d lines, was %d)", s.lines, before)
+			}
+			onDisk, err := Load(dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			switch {
+			case last == "replace" && (len(onDisk) != 1 || onDisk[0].PodUID != "new-pod"):
+				t.Fatalf("on disk after the re-publish: %+v", onDisk)
+			case last == "delete" && len(onDisk) != 0:
+				t.Fatalf("deleted record back on disk: %+v", onDisk)
+			}
+		})
 	}
 }
