@@ -99,6 +99,11 @@ func checkBind(srcDir, target string) error {
 //   - between record and answer: mount and record agree; the kubelet's retry
 //     is a no-op success.
 func (d *Driver) publish(p publishRequest) error {
+	// Resolve under the lock: a call for the same target queued behind this
+	// one must see what this one did, or it would mount a second layer.
+	d.mu.Lock()
+	defer d.mu.Unlock()
+
 	t, err := d.resolveTarget(p.target)
 	if err != nil {
 		return err
@@ -106,9 +111,6 @@ func (d *Driver) publish(p publishRequest) error {
 	if t.podUID != p.podUID {
 		return invalidf("target path %q belongs to pod %s, not to pod %s named in the volume context (%s)", p.target, t.podUID, p.podUID, ctxPodUID)
 	}
-
-	d.mu.Lock()
-	defer d.mu.Unlock()
 
 	srcDir, err := d.socketSource()
 	if err != nil {
@@ -220,13 +222,15 @@ func (d *Driver) unpublish(volumeID, targetPath string) error {
 	if targetPath == "" {
 		return invalidf("target_path is missing")
 	}
+	// Resolve under the lock, for the same reason as publish: an unpublish
+	// that resolved before a queued publish mounted would leave its mount.
+	d.mu.Lock()
+	defer d.mu.Unlock()
+
 	t, err := d.resolveTarget(targetPath)
 	if err != nil {
 		return err
 	}
-
-	d.mu.Lock()
-	defer d.mu.Unlock()
 
 	if t.exists {
 		if err := d.unmountAll(t.real); err != nil {

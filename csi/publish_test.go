@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -179,6 +180,48 @@ func TestPublishSocketConnectsThroughReadOnlyMount(t *testing.T) {
 	if l2, err := net.Listen("unix", viaTarget+"rogue.sock"); err == nil {
 		l2.Close()
 		t.Fatal("listening in the read-only mount succeeded")
+	}
+}
+
+func TestConcurrentCallsOnOneTarget(t *testing.T) {
+	testutil.RequireRoot(t)
+	e := newEnv(t)
+	target := e.target(t, testPodUID, "spiffe")
+	req := publishReq(testPodUID, target)
+	// The kubelet retries a call it gave up on while the first still runs.
+	var wg sync.WaitGroup
+	for i := 0; i < 8; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := e.node.NodePublishVolume(context.Background(), req); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	if ms := mountsAt(t, target); len(ms) != 1 {
+		t.Fatalf("%d mounts after 8 concurrent publishes, want 1", len(ms))
+	}
+	// Publish and unpublish racing: whatever order they run in, the mount
+	// and the record end up agreeing.
+	for round := 0; round < 20; round++ {
+		var wg sync.WaitGroup
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			_, _ = e.node.NodePublishVolume(context.Background(), req)
+		}()
+		go func() {
+			defer wg.Done()
+			_, _ = e.node.NodeUnpublishVolume(context.Background(), &csipb.NodeUnpublishVolumeRequest{VolumeId: req.VolumeId, TargetPath: target})
+		}()
+		wg.Wait()
+		_, recorded := e.store.ByTarget(target)
+		mounts := mountsAt(t, target)
+		if len(mounts) > 1 || recorded != (len(mounts) == 1) {
+			t.Fatalf("round %d: %d mounts, record %v", round, len(mounts), recorded)
+		}
 	}
 }
 

@@ -17,6 +17,7 @@ type reconcileResult struct {
 	Dropped  []string // records dropped: their target no longer holds our mount
 	Orphans  []string // mounts of ours without a record, unmounted
 	Repaired []string // recorded mounts that were stacked or not read-only, mounted afresh
+	Failed   []error  // targets left as they were: one bad target must not stop the node's agent
 }
 
 // Reconcile makes the records and the mount table agree; call it on start,
@@ -25,8 +26,16 @@ type reconcileResult struct {
 // directory under the kubelet's pods directory without a record is the
 // orphan of a crash between mount and record: it is unmounted and the
 // kubelet's retry publishes it again.
+//
+// Only a failure that concerns every target (the mount table unreadable,
+// the socket dir missing) is returned: a single target that cannot be
+// repaired or unmounted is logged and left, so the agent still serves
+// every other pod on the node.
 func (d *Driver) Reconcile(ctx context.Context) error {
-	_, err := d.reconcile(ctx)
+	res, err := d.reconcile(ctx)
+	for _, f := range res.Failed {
+		klog.ErrorS(f, "Reconcile left a target as it was")
+	}
 	return err
 }
 
@@ -44,7 +53,6 @@ func (d *Driver) reconcile(ctx context.Context) (reconcileResult, error) {
 		return res, fmt.Errorf("resolve kubelet root dir: %w", err)
 	}
 
-	var errs []error
 	recorded := map[string]bool{}
 	for _, rec := range d.records.All() {
 		if err := ctx.Err(); err != nil {
@@ -72,11 +80,11 @@ func (d *Driver) reconcile(ctx context.Context) (reconcileResult, error) {
 				res.Repaired = append(res.Repaired, rec.TargetPath)
 				continue
 			}
-			errs = append(errs, fmt.Errorf("repair mount at %s: %w", rec.TargetPath, err))
+			res.Failed = append(res.Failed, fmt.Errorf("repair mount at %s: %w", rec.TargetPath, err))
 			_ = d.unmountAll(real)
 		}
 		if err := d.records.Delete(rec.TargetPath); err != nil {
-			errs = append(errs, err)
+			res.Failed = append(res.Failed, err)
 			continue
 		}
 		res.Dropped = append(res.Dropped, rec.TargetPath)
@@ -85,7 +93,7 @@ func (d *Driver) reconcile(ctx context.Context) (reconcileResult, error) {
 	}
 
 	if realRoot == "" {
-		return res, errors.Join(errs...)
+		return res, nil
 	}
 	podsDir := filepath.Join(realRoot, "pods")
 	seen := map[string]bool{}
@@ -104,14 +112,14 @@ func (d *Driver) reconcile(ctx context.Context) (reconcileResult, error) {
 			continue
 		}
 		if err := d.unmountAll(mp); err != nil {
-			errs = append(errs, err)
+			res.Failed = append(res.Failed, err)
 			continue
 		}
 		_ = os.Remove(mp)
 		res.Orphans = append(res.Orphans, mp)
 		klog.InfoS("Unmounted a socket mount that had no record (crash between mount and record)", "target", mp)
 	}
-	return res, errors.Join(errs...)
+	return res, nil
 }
 
 // realPath maps a recorded target to the resolved kubelet root, lexically.
