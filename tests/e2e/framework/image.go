@@ -10,6 +10,7 @@ import (
 	"io"
 	"os"
 	"path"
+	"runtime"
 	"strings"
 	"time"
 )
@@ -41,7 +42,7 @@ func WriteArchive(out string, images ...Image) error {
 		layerSum := sha256.Sum256(layer)
 		layerID := hex.EncodeToString(layerSum[:])
 		cfg, err := json.Marshal(map[string]any{
-			"architecture": "amd64",
+			"architecture": runtime.GOARCH,
 			"os":           "linux",
 			"created":      epoch,
 			"config": map[string]any{
