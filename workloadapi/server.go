@@ -330,12 +330,8 @@ func (s *Server) encode(id string, dns []string, svid *x509svid.SVID) (encodedSV
 	if err != nil {
 		return encodedSVID{}, err
 	}
-	var chain []byte
-	for _, c := range svid.Certificates {
-		chain = append(chain, c.Raw...)
-	}
 	leaf := svid.Certificates[0]
-	e = encodedSVID{svid: svid, chain: chain, key: key, issued: issuedSVID{
+	e = encodedSVID{svid: svid, chain: concatDER(svid.Certificates), key: key, issued: issuedSVID{
 		id: id, serial: hex.EncodeToString(leaf.SerialNumber.Bytes()), expires: leaf.NotAfter.UTC().Format("2006-01-02T15:04:05Z"),
 	}}
 	s.encMu.Lock()

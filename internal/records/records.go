@@ -202,12 +202,14 @@ func (s *Store) compactLocked() error {
 	}
 	path := filepath.Join(s.dir, journalName)
 	err := fsutil.WriteFileAtomic(path, buf.Bytes(), 0o600)
-	if err != nil && s.journal != nil && s.journalIsAt(path) {
-		// Failed before the rename: the old journal is still the live one.
+	if err != nil && (s.journal == nil || s.journalIsAt(path)) {
+		// Failed before the rename: the old journal (if any) is still the
+		// live one.
 		return fmt.Errorf("compact records journal: %w", err)
 	}
-	// After the rename the old journal is unlinked: appending to it would be
-	// durable nowhere. Switch to the new file whatever else failed.
+	// The file at path now holds exactly buf. The old journal is unlinked:
+	// appending to it would be durable nowhere. Switch to the new file
+	// whatever else failed.
 	f, openErr := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0o600)
 	if s.journal != nil {
 		s.journal.Close()
@@ -218,9 +220,6 @@ func (s *Store) compactLocked() error {
 		return fmt.Errorf("open records journal: %w", openErr)
 	}
 	s.journal, s.size, s.lines = f, int64(buf.Len()), len(s.byTarget)
-	if fi, statErr := f.Stat(); statErr == nil {
-		s.size = fi.Size()
-	}
 	if err != nil {
 		return fmt.Errorf("compact records journal: %w", err)
 	}
@@ -271,8 +270,8 @@ func (s *Store) cutBackLocked() {
 
 // maybeCompactLocked rewrites the journal once it holds far more lines than
 // live records. It runs after the operation is applied to memory, which the
-// rewrite is made from. A failure is not fatal: every line is durable in the
-// old journal, which stays in use, and compaction is tried again next time.
+// rewrite is made from. A failure is not fatal: the operation's line is
+// already durable, and compaction is tried again next time.
 func (s *Store) maybeCompactLocked() {
 	if s.lines > len(s.byTarget)+compactSlack {
 		_ = s.compactLocked()

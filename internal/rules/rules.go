@@ -94,15 +94,8 @@ func (s *Set) Fields() []string {
 	for _, f := range s.fields {
 		add(f)
 	}
-	for _, sv := range s.svids {
-		for _, p := range sv.id.path.parts {
-			add(p.field)
-		}
-		for _, d := range sv.dns {
-			for _, p := range d.name.parts {
-				add(p.field)
-			}
-		}
+	for i := range s.svids {
+		s.svids[i].anyTemplateField(func(f string) bool { add(f); return false })
 	}
 	return out
 }
@@ -224,17 +217,8 @@ func (s *Set) Evaluate(attrs attestor.Attributes) []Identity {
 	if s == nil {
 		return nil
 	}
-	// Look each field up once; the array keeps common configurations off the heap.
 	var arr [32][]string
-	var vals [][]string
-	if len(s.fields) <= len(arr) {
-		vals = arr[:len(s.fields)]
-	} else {
-		vals = make([][]string, len(s.fields))
-	}
-	for k, f := range s.fields {
-		vals[k] = attrs[f]
-	}
+	vals := s.lookup(attrs, &arr)
 	var out []Identity
 	for i := range s.svids {
 		sv := &s.svids[i]
@@ -276,10 +260,8 @@ func (s *Set) Pending(attrs attestor.Attributes, deferred func(field string) boo
 	if s == nil {
 		return false
 	}
-	vals := make([][]string, len(s.fields))
-	for k, f := range s.fields {
-		vals[k] = attrs[f]
-	}
+	var arr [32][]string
+	vals := s.lookup(attrs, &arr)
 	waiting := func(field string) bool {
 		return field != "" && deferred(field) && len(attrs[field]) == 0
 	}
@@ -301,7 +283,7 @@ func (s *Set) Pending(attrs attestor.Attributes, deferred func(field string) boo
 			if !held {
 				continue
 			}
-			if unknown || sv.templatesWait(waiting) {
+			if unknown || sv.anyTemplateField(waiting) {
 				return true
 			}
 		}
@@ -309,15 +291,32 @@ func (s *Set) Pending(attrs attestor.Attributes, deferred func(field string) boo
 	return false
 }
 
-func (sv *compiledSVID) templatesWait(waiting func(string) bool) bool {
+// lookup reads each field the conditions test once, into arr when it is
+// large enough, which keeps common configurations off the heap.
+func (s *Set) lookup(attrs attestor.Attributes, arr *[32][]string) [][]string {
+	var vals [][]string
+	if len(s.fields) <= len(arr) {
+		vals = arr[:len(s.fields)]
+	} else {
+		vals = make([][]string, len(s.fields))
+	}
+	for k, f := range s.fields {
+		vals[k] = attrs[f]
+	}
+	return vals
+}
+
+// anyTemplateField reports whether pred holds for a field the SVID's ID or
+// DNS templates read.
+func (sv *compiledSVID) anyTemplateField(pred func(string) bool) bool {
 	for _, p := range sv.id.path.parts {
-		if waiting(p.field) {
+		if p.field != "" && pred(p.field) {
 			return true
 		}
 	}
 	for _, d := range sv.dns {
 		for _, p := range d.name.parts {
-			if waiting(p.field) {
+			if p.field != "" && pred(p.field) {
 				return true
 			}
 		}
