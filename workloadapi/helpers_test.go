@@ -18,7 +18,7 @@ import (
 	unixattestor "github.com/csi-agent/csi-agent/attestor/unix"
 	"github.com/csi-agent/csi-agent/internal/ca"
 	"github.com/csi-agent/csi-agent/internal/federation"
-	"github.com/csi-agent/csi-agent/internal/identity"
+	"github.com/csi-agent/csi-agent/internal/svidcache"
 	"github.com/csi-agent/csi-agent/internal/peer"
 	"github.com/csi-agent/csi-agent/internal/rules"
 )
@@ -28,7 +28,7 @@ import (
 type testAgent struct {
 	server    *Server
 	authority *ca.Authority
-	cache     *identity.Cache
+	cache     *svidcache.Cache
 	socket    string
 	stateDir  string
 	stop      func()
@@ -86,7 +86,7 @@ func startAgent(t testing.TB, cfg agentConfig) *testAgent {
 		cancel()
 		t.Fatal(err)
 	}
-	cache := identity.New(auth, identity.Options{})
+	cache := svidcache.New(auth, svidcache.Options{})
 	set, err := rules.Compile(td, cfg.svids)
 	if err != nil {
 		cancel()

@@ -31,7 +31,7 @@ import (
 	"github.com/csi-agent/csi-agent/attestor"
 	"github.com/csi-agent/csi-agent/internal/ca"
 	"github.com/csi-agent/csi-agent/internal/federation"
-	"github.com/csi-agent/csi-agent/internal/identity"
+	"github.com/csi-agent/csi-agent/internal/svidcache"
 	"github.com/csi-agent/csi-agent/internal/peer"
 	"github.com/csi-agent/csi-agent/internal/rules"
 )
@@ -48,7 +48,7 @@ type Options struct {
 	Attestor    Attestor
 	Rules       *rules.Set
 	Authority   *ca.Authority
-	Cache       *identity.Cache
+	Cache       *svidcache.Cache
 	// Federation may be nil: no federated bundles.
 	Federation *federation.Watcher
 }
@@ -60,7 +60,7 @@ type Server struct {
 	td        spiffeid.TrustDomain
 	attestor  Attestor
 	authority *ca.Authority
-	cache     *identity.Cache
+	cache     *svidcache.Cache
 	fed       *federation.Watcher
 
 	rules atomic.Pointer[rules.Set]

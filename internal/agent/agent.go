@@ -26,7 +26,7 @@ import (
 	"github.com/csi-agent/csi-agent/internal/ca"
 	"github.com/csi-agent/csi-agent/internal/config"
 	"github.com/csi-agent/csi-agent/internal/federation"
-	"github.com/csi-agent/csi-agent/internal/identity"
+	"github.com/csi-agent/csi-agent/internal/svidcache"
 	"github.com/csi-agent/csi-agent/internal/records"
 	"github.com/csi-agent/csi-agent/internal/rules"
 	"github.com/csi-agent/csi-agent/workloadapi"
@@ -89,7 +89,7 @@ func Run(ctx context.Context, cfg config.Config, opts Options) error {
 	if err != nil {
 		return fmt.Errorf("start CA: %w", err)
 	}
-	cache := identity.New(auth, identity.Options{})
+	cache := svidcache.New(auth, svidcache.Options{})
 
 	var recs *records.Store
 	if cfg.CSI.Socket != "" || cfg.KubernetesEnabled() {
@@ -225,7 +225,7 @@ func Run(ctx context.Context, cfg config.Config, opts Options) error {
 // reloadOnHUP swaps the rules (svids) on SIGHUP; other settings need a
 // restart. A config that fails to load keeps the running rules: a typo must
 // not revoke every identity on the node.
-func reloadOnHUP(ctx context.Context, hup <-chan os.Signal, td spiffeid.TrustDomain, wl *workloadapi.Server, cache *identity.Cache, att *chain, reload func() (config.Config, error)) error {
+func reloadOnHUP(ctx context.Context, hup <-chan os.Signal, td spiffeid.TrustDomain, wl *workloadapi.Server, cache *svidcache.Cache, att *chain, reload func() (config.Config, error)) error {
 	for {
 		select {
 		case <-ctx.Done():

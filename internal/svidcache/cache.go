@@ -1,7 +1,7 @@
 // Package identity caches the SVIDs the agent hands out, one per SPIFFE ID
 // and request shape, renews them at half life and tells subscribers when
 // anything they may hold has changed.
-package identity
+package svidcache
 
 import (
 	"context"
