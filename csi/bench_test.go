@@ -21,14 +21,14 @@ func BenchmarkPublishUnpublish(b *testing.B) {
 	testutil.RequireRoot(b)
 	for _, bc := range []struct {
 		name     string
-		mounter  func() mount.Interface
+		mounter  func() Mounter
 		stateDir string // "" for the test's disk-backed temp dir
 	}{
-		{"mounter=default", func() mount.Interface { return nil }, ""},
-		{"mounter=mount-utils-exec", func() mount.Interface { return mount.New("") }, ""},
+		{"mounter=default", func() Mounter { return nil }, ""},
+		{"mounter=mount-utils-exec", func() Mounter { return kernelMounter{exec: mount.New("")} }, ""},
 		// The same with records on tmpfs: what the driver costs without the
 		// disk's fsync latency (not durable; for comparison only).
-		{"mounter=default/state=tmpfs", func() mount.Interface { return nil }, "/dev/shm"},
+		{"mounter=default/state=tmpfs", func() Mounter { return nil }, "/dev/shm"},
 	} {
 		b.Run(bc.name, func(b *testing.B) {
 			e := newEnvWithMounter(b, bc.mounter())
@@ -39,7 +39,7 @@ func BenchmarkPublishUnpublish(b *testing.B) {
 				}
 				b.Cleanup(func() { os.RemoveAll(dir) })
 				e.stateDir = dir
-				e.openDriver(b, bc.mounter())
+				e.openDriver(b)
 			}
 			target := e.target(b, testPodUID, "spiffe")
 			pubReq := publishReq(testPodUID, target)

@@ -22,6 +22,17 @@ type volumeCheck struct {
 	message  string
 }
 
+// volumeStats is checkVolume for NodeGetVolumeStats, where the path is required.
+func (d *Driver) volumeStats(volumeID, volumePath string) (volumeCheck, error) {
+	if err := validateVolumeID(volumeID); err != nil {
+		return volumeCheck{}, err
+	}
+	if volumePath == "" {
+		return volumeCheck{}, invalidf("volume_path is missing")
+	}
+	return d.checkVolume(volumeID, volumePath)
+}
+
 // checkVolume finds the record of volumeID (at path, when path is given) and
 // tells whether its target still serves the Workload API socket.
 func (d *Driver) checkVolume(volumeID, path string) (volumeCheck, error) {

@@ -2,10 +2,14 @@ package csi
 
 import (
 	"errors"
+	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
+	"sync"
 	"testing"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
@@ -13,9 +17,10 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
-	"k8s.io/mount-utils"
 
+	"github.com/csi-agent/csi-agent/internal/config"
 	"github.com/csi-agent/csi-agent/internal/records"
+	"github.com/csi-agent/csi-agent/internal/testutil"
 )
 
 const (
@@ -34,13 +39,28 @@ type env struct {
 	store       *records.Store
 	d           *Driver
 	node        nodeServer
+	// mounter is what every Driver of the env gets (nil: NewMounter()); it
+	// outlives a restart, as the kernel's mounts do.
+	mounter Mounter
+	// fake is mounter when the mounts are held in memory; nil when they
+	// are the kernel's.
+	fake *fakeMounter
 }
 
+// newEnv is an env with the kernel's mounts.
 func newEnv(t testing.TB) *env {
 	return newEnvWithMounter(t, nil)
 }
 
-func newEnvWithMounter(t testing.TB, m mount.Interface) *env {
+// newFakeEnv is an env whose mounts are held in memory: no root needed.
+func newFakeEnv(t testing.TB) *env {
+	f := newFakeMounter()
+	e := newEnvWithMounter(t, f)
+	e.fake = f
+	return e
+}
+
+func newEnvWithMounter(t testing.TB, m Mounter) *env {
 	t.Helper()
 	root := t.TempDir()
 	e := &env{
@@ -48,6 +68,7 @@ func newEnvWithMounter(t testing.TB, m mount.Interface) *env {
 		kubeletRoot: filepath.Join(root, "kubelet"),
 		socketDir:   filepath.Join(root, "spire-agent"),
 		stateDir:    filepath.Join(root, "state"),
+		mounter:     m,
 	}
 	// Registered after TempDir, so it runs before the directory is removed.
 	t.Cleanup(func() { cleanupMounts(t, root) })
@@ -56,12 +77,27 @@ func newEnvWithMounter(t testing.TB, m mount.Interface) *env {
 			t.Fatal(err)
 		}
 	}
-	e.openDriver(t, m)
+	e.openDriver(t)
 	return e
 }
 
+// forEachBackend runs test as subtests, once for each place a test's mounts
+// can live: the kernel (root only; CI runs it as root) and memory (the
+// driver's logic, unprivileged).
+func forEachBackend(t *testing.T, test func(t *testing.T, e *env)) {
+	for _, b := range []struct {
+		name   string
+		newEnv func(testing.TB) *env
+	}{
+		{"kernel", func(t testing.TB) *env { testutil.RequireRoot(t); return newEnv(t) }},
+		{"fake", newFakeEnv},
+	} {
+		t.Run(b.name, func(t *testing.T) { test(t, b.newEnv(t)) })
+	}
+}
+
 // openDriver opens the store and a Driver afresh, as a restarted agent does.
-func (e *env) openDriver(t testing.TB, m mount.Interface) {
+func (e *env) openDriver(t testing.TB) {
 	t.Helper()
 	// The store is single-process: the "crashed" agent's handle goes first.
 	e.closeStore()
@@ -71,11 +107,13 @@ func (e *env) openDriver(t testing.TB, m mount.Interface) {
 	}
 	t.Cleanup(func() { store.Close() })
 	d, err := New(Options{
+		DriverName:           config.DefaultDriverName,
+		Version:              "test",
 		NodeID:               "node-1",
 		KubeletRootDir:       e.kubeletRoot,
 		WorkloadAPISocketDir: e.socketDir,
 		Records:              store,
-		Mounter:              m,
+		Mounter:              e.mounter,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -130,12 +168,101 @@ func mountsUnder(t testing.TB, dir string) []string {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return mountpoints(ms)
+}
+
+func mountpoints(ms []*mountinfo.Info) []string {
 	var out []string
 	for _, m := range ms {
 		out = append(out, m.Mountpoint)
 	}
 	sort.Strings(out)
 	return out
+}
+
+// mountsAt is mountsAt in the env's backend.
+func (e *env) mountsAt(t testing.TB, path string) []*mountinfo.Info {
+	t.Helper()
+	if e.fake == nil {
+		return mountsAt(t, path)
+	}
+	return layersAt(e.fake.table(), path)
+}
+
+// mountsUnder is mountsUnder in the env's backend.
+func (e *env) mountsUnder(t testing.TB, dir string) []string {
+	t.Helper()
+	if e.fake == nil {
+		return mountsUnder(t, dir)
+	}
+	var ms []*mountinfo.Info
+	for _, m := range e.fake.table() {
+		if isUnder(m.Mountpoint, dir) {
+			ms = append(ms, m)
+		}
+	}
+	return mountpoints(ms)
+}
+
+// The env methods below change the mounts behind the driver's back, as a
+// crash, a reboot or another program would.
+
+// change runs the backend's side of a change, failing the test on error.
+func (e *env) change(t testing.TB, fake func(*fakeMounter) error, kernel func() error) {
+	t.Helper()
+	var err error
+	if e.fake != nil {
+		err = fake(e.fake)
+	} else {
+		err = kernel()
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// bindSocketDir binds the socket directory on target: read-only (and
+// nothing else) when ro, else writable.
+func (e *env) bindSocketDir(t testing.TB, target string, ro bool) {
+	t.Helper()
+	e.change(t, func(f *fakeMounter) error {
+		return f.bind(e.socketDir, target, map[bool]string{true: "ro", false: "rw"}[ro])
+	}, func() error {
+		if ro {
+			return bindMount(e.socketDir, target, unix.MS_RDONLY)
+		}
+		return unix.Mount(e.socketDir, target, "", unix.MS_BIND, "")
+	})
+}
+
+// mountTmpfs mounts a tmpfs, a mount that is not the driver's, on target.
+func (e *env) mountTmpfs(t testing.TB, target string) {
+	t.Helper()
+	e.change(t, func(f *fakeMounter) error { return f.tmpfs(target) },
+		func() error { return unix.Mount("tmpfs", target, "tmpfs", 0, "size=1m") })
+}
+
+// remountWritable drops the flags of the top mount at target.
+func (e *env) remountWritable(t testing.TB, target string) {
+	t.Helper()
+	e.change(t, func(f *fakeMounter) error { return f.remountWritable(target) },
+		func() error { return unix.Mount("", target, "", unix.MS_BIND|unix.MS_REMOUNT, "") })
+}
+
+// unmountTop removes the top mount at target.
+func (e *env) unmountTop(t testing.TB, target string) {
+	t.Helper()
+	e.change(t, func(f *fakeMounter) error { return f.Unmount(target) },
+		func() error { return unix.Unmount(target, 0) })
+}
+
+// unmountUnder removes every mount at or below dir.
+func (e *env) unmountUnder(t testing.TB, dir string) {
+	if e.fake != nil {
+		e.fake.unmountUnder(dir)
+		return
+	}
+	cleanupMounts(t, dir)
 }
 
 // cleanupMounts unmounts everything below dir, deepest first, lazily as a
@@ -179,4 +306,204 @@ func (e *env) closeStore() {
 		e.store.Close()
 		e.store = nil
 	}
+}
+
+// fakeMounter is a Mounter that keeps the mount table in memory, so that the
+// driver's logic runs without root. The table starts with a root mount; a
+// bind shows the device and root the kernel would show (as sourceOf reads
+// them off the table), and a bind whose source directory was deleted, or
+// replaced, shows its root as "<root>//deleted", as the kernel does. Mounts
+// hide nothing: files under a target stay visible.
+type fakeMounter struct {
+	mu        sync.Mutex
+	mounts    []*mountinfo.Info
+	sources   map[int]fakeSource // bind mounts: what they show
+	nextID    int
+	nextMinor int
+}
+
+type fakeSource struct {
+	path string
+	id   fileID
+}
+
+// fileID tells a directory from one made later at the same path: the inode
+// number alone is often reused at once. birth is zero where unsupported.
+type fileID struct {
+	ino   uint64
+	birth unix.StatxTimestamp
+}
+
+func fileIDOf(path string) (fileID, error) {
+	var st unix.Statx_t
+	if err := unix.Statx(unix.AT_FDCWD, path, 0, unix.STATX_INO|unix.STATX_BTIME, &st); err != nil {
+		return fileID{}, err
+	}
+	id := fileID{ino: st.Ino}
+	if st.Mask&unix.STATX_BTIME != 0 {
+		id.birth = st.Btime
+	}
+	return id, nil
+}
+
+func newFakeMounter() *fakeMounter {
+	return &fakeMounter{
+		mounts:    []*mountinfo.Info{{ID: 1, Major: 0, Minor: 1, Root: "/", Mountpoint: "/", Options: "rw", FSType: "fakefs", Source: "fakefs"}},
+		sources:   map[int]fakeSource{},
+		nextID:    2,
+		nextMinor: 2,
+	}
+}
+
+func (f *fakeMounter) BindMount(source, target string, options []string) error {
+	if _, ok := asBind(options); !ok {
+		return fmt.Errorf("fake mount %s on %s: options %q are not a plain bind mount", source, target, options)
+	}
+	opts := []string{"rw"}
+	for _, o := range options {
+		switch o {
+		case "bind":
+		case "ro":
+			opts[0] = "ro"
+		default:
+			opts = append(opts, o)
+		}
+	}
+	return f.bind(source, target, strings.Join(opts, ","))
+}
+
+// bind adds a bind mount of source on target with the per-mount options.
+// Like mount(2) it needs both to be directories, and follows symlinks.
+func (f *fakeMounter) bind(source, target, options string) error {
+	src, err := fakeDir(source)
+	if err != nil {
+		return fmt.Errorf("fake bind %s on %s: %w", source, target, err)
+	}
+	tgt, err := fakeDir(target)
+	if err != nil {
+		return fmt.Errorf("fake bind %s on %s: %w", source, target, err)
+	}
+	id, err := fileIDOf(src)
+	if err != nil {
+		return err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	s, err := sourceOf(f.mounts, src)
+	if err != nil {
+		return err
+	}
+	m := f.add(tgt, options)
+	m.Major, m.Minor, m.Root, m.FSType, m.Source = s.major, s.minor, s.root, "fakefs", "fakefs"
+	f.sources[m.ID] = fakeSource{path: src, id: id}
+	return nil
+}
+
+func (f *fakeMounter) tmpfs(target string) error {
+	tgt, err := fakeDir(target)
+	if err != nil {
+		return err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	m := f.add(tgt, "rw")
+	m.Major, m.Minor, m.Root, m.FSType, m.Source = 0, f.nextMinor, "/", "tmpfs", "tmpfs"
+	f.nextMinor++
+	return nil
+}
+
+// add appends a mount at mountpoint, on top of what is visible there.
+func (f *fakeMounter) add(mountpoint, options string) *mountinfo.Info {
+	m := &mountinfo.Info{ID: f.nextID, Parent: holder(f.mounts, mountpoint).ID, Mountpoint: mountpoint, Options: options}
+	f.nextID++
+	f.mounts = append(f.mounts, m)
+	return m
+}
+
+func fakeDir(path string) (string, error) {
+	real, err := filepath.EvalSymlinks(path)
+	if err != nil {
+		return "", err
+	}
+	if fi, err := os.Stat(real); err != nil || !fi.IsDir() {
+		return "", fmt.Errorf("%s: %w", path, unix.ENOTDIR)
+	}
+	return real, nil
+}
+
+func (f *fakeMounter) remountWritable(target string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	m := top(layersAt(f.mounts, target))
+	if m == nil {
+		return fmt.Errorf("fake remount %s: %w", target, unix.EINVAL)
+	}
+	m.Options = "rw"
+	return nil
+}
+
+func (f *fakeMounter) Unmount(target string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if m := top(layersAt(f.mounts, target)); m != nil {
+		f.remove(m)
+	}
+	return nil
+}
+
+func (f *fakeMounter) unmountUnder(dir string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, m := range slices.Clone(f.mounts) {
+		if isUnder(m.Mountpoint, dir) {
+			f.remove(m)
+		}
+	}
+}
+
+func (f *fakeMounter) remove(m *mountinfo.Info) {
+	f.mounts = slices.DeleteFunc(f.mounts, func(o *mountinfo.Info) bool { return o == m })
+	delete(f.sources, m.ID)
+}
+
+func (f *fakeMounter) IsMountPoint(path string) (bool, error) {
+	if _, err := os.Lstat(path); errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	return len(layersAt(f.table(), path)) > 0, nil
+}
+
+func (f *fakeMounter) MountTable() ([]*mountinfo.Info, error) { return f.table(), nil }
+
+// table returns a copy of the mount table, deleted sources marked.
+func (f *fakeMounter) table() []*mountinfo.Info {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	out := make([]*mountinfo.Info, 0, len(f.mounts))
+	for _, m := range f.mounts {
+		c := *m
+		if s, ok := f.sources[m.ID]; ok {
+			if id, err := fileIDOf(s.path); err != nil || id != s.id {
+				c.Root += "//deleted"
+			}
+		}
+		out = append(out, &c)
+	}
+	return out
+}
+
+func (f *fakeMounter) CheckBind(source, target string) error {
+	table := f.table()
+	src, err := sourceOf(table, source)
+	if err != nil {
+		return err
+	}
+	m := top(layersAt(table, target))
+	switch {
+	case m == nil || !src.owns(m):
+		return fmt.Errorf("%s does not show the socket directory", target)
+	case !hasOpts(m, requiredOpts):
+		return fmt.Errorf("the mount at %s has options %q", target, m.Options)
+	}
+	return nil
 }

@@ -3,22 +3,44 @@ package csi
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 	"k8s.io/mount-utils"
 )
 
-// NewMounter returns the default Mounter: mount-utils, except that read-only
-// bind mounts and unmounts are done with mount(2)/umount2(2) directly rather
-// than by running mount(8) twice. That keeps a publish well under the
-// kubelet's patience and does not depend on a mount binary in the image.
-func NewMounter() mount.Interface {
-	return &syscallMounter{Interface: mount.NewWithoutSystemd("")}
+// Mounter is the driver's seam to the kernel's mounts. It performs mounts
+// and reports what is mounted; whether a mount is ours and what to do about
+// it, the driver decides. Every mount-state check goes through it, so the
+// driver's logic can run against a mount table held in memory.
+type Mounter interface {
+	// BindMount bind-mounts source on target with options (bindOptions).
+	BindMount(source, target string, options []string) error
+	// Unmount removes the top mount at target; a target that is not a
+	// mount point is no error.
+	Unmount(target string) error
+	// IsMountPoint reports whether something is mounted at path; a path
+	// that does not exist is not a mount point.
+	IsMountPoint(path string) (bool, error)
+	// MountTable lists every mount, in the kernel's order.
+	MountTable() ([]*mountinfo.Info, error)
+	// CheckBind verifies that the top mount at target shows source with
+	// requiredOpts (read-only, nosuid, nodev, noexec).
+	CheckBind(source, target string) error
 }
 
-type syscallMounter struct {
-	mount.Interface
+// NewMounter returns the kernel's Mounter. It mounts and unmounts with
+// mount(2)/umount2(2) directly rather than by running mount(8) twice: that
+// keeps a publish well under the kubelet's patience and does not depend on
+// a mount binary in the image.
+func NewMounter() Mounter { return kernelMounter{} }
+
+type kernelMounter struct {
+	// exec, when set, mounts and unmounts through mount-utils (mount(8));
+	// tests compare the two.
+	exec mount.Interface
 }
 
 // bindFlags maps the options the driver uses to mount(2) flags.
@@ -30,12 +52,9 @@ var bindFlags = map[string]uintptr{
 	"noexec": unix.MS_NOEXEC,
 }
 
-// asBind returns the remount flags for a plain bind mount with options, or
+// asBind returns the mount(2) flags for a plain bind mount with options, or
 // ok=false when the options ask for anything else.
-func asBind(fstype string, options []string) (flags uintptr, ok bool) {
-	if fstype != "" {
-		return 0, false
-	}
+func asBind(options []string) (flags uintptr, ok bool) {
 	bind := false
 	for _, o := range options {
 		f, known := bindFlags[o]
@@ -50,22 +69,13 @@ func asBind(fstype string, options []string) (flags uintptr, ok bool) {
 	return flags, bind
 }
 
-func (m *syscallMounter) Mount(source, target, fstype string, options []string) error {
-	return m.MountSensitiveWithoutSystemdWithMountFlags(source, target, fstype, options, nil, nil)
-}
-
-func (m *syscallMounter) MountSensitive(source, target, fstype string, options, sensitive []string) error {
-	return m.MountSensitiveWithoutSystemdWithMountFlags(source, target, fstype, options, sensitive, nil)
-}
-
-func (m *syscallMounter) MountSensitiveWithoutSystemd(source, target, fstype string, options, sensitive []string) error {
-	return m.MountSensitiveWithoutSystemdWithMountFlags(source, target, fstype, options, sensitive, nil)
-}
-
-func (m *syscallMounter) MountSensitiveWithoutSystemdWithMountFlags(source, target, fstype string, options, sensitive, mountFlags []string) error {
-	flags, ok := asBind(fstype, options)
-	if !ok || len(sensitive) > 0 || len(mountFlags) > 0 {
-		return m.Interface.MountSensitiveWithoutSystemdWithMountFlags(source, target, fstype, options, sensitive, mountFlags)
+func (k kernelMounter) BindMount(source, target string, options []string) error {
+	if k.exec != nil {
+		return k.exec.MountSensitiveWithoutSystemd(source, target, "", options, nil)
+	}
+	flags, ok := asBind(options)
+	if !ok {
+		return fmt.Errorf("mount %s on %s: options %q are not a plain bind mount", source, target, options)
 	}
 	return bindMount(source, target, flags)
 }
@@ -171,15 +181,68 @@ func keepAtime(path string) uintptr {
 
 // Unmount removes the top mount at target. Like mount-utils with safe
 // not-mounted behaviour, a target that is not a mount point is no error.
-func (m *syscallMounter) Unmount(target string) error {
+func (k kernelMounter) Unmount(target string) error {
+	if k.exec != nil {
+		return k.exec.Unmount(target)
+	}
 	err := unix.Unmount(target, unix.UMOUNT_NOFOLLOW)
 	if errors.Is(err, unix.EINVAL) {
-		if mounted, merr := m.IsMountPoint(target); merr == nil && !mounted {
+		if mounted, merr := k.IsMountPoint(target); merr == nil && !mounted {
 			return nil
 		}
 	}
 	if err != nil {
 		return fmt.Errorf("unmount %s: %w", target, err)
+	}
+	return nil
+}
+
+// IsMountPoint asks the kernel directly (openat2, no mount table read, which
+// costs real time on a node with thousands of mounts) and falls back to the
+// table when the kernel cannot say for sure.
+func (k kernelMounter) IsMountPoint(path string) (bool, error) {
+	mounted, sure, err := mountinfo.MountedFast(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	if err == nil && sure {
+		return mounted, nil
+	}
+	table, err := k.MountTable()
+	if err != nil {
+		return false, err
+	}
+	return len(layersAt(table, path)) > 0, nil
+}
+
+func (kernelMounter) MountTable() ([]*mountinfo.Info, error) {
+	table, err := mountinfo.GetMounts(nil)
+	if err != nil {
+		return nil, fmt.Errorf("read mount table: %w", err)
+	}
+	return table, nil
+}
+
+// CheckBind checks without the mount table: the target must show the
+// source's inode, through a mount with the read-only flags.
+func (kernelMounter) CheckBind(source, target string) error {
+	var src, tgt unix.Stat_t
+	if err := unix.Stat(source, &src); err != nil {
+		return fmt.Errorf("stat %s: %w", source, err)
+	}
+	if err := unix.Stat(target, &tgt); err != nil {
+		return fmt.Errorf("stat %s: %w", target, err)
+	}
+	if src.Dev != tgt.Dev || src.Ino != tgt.Ino {
+		return fmt.Errorf("%s does not show the socket directory", target)
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(target, &st); err != nil {
+		return fmt.Errorf("statfs %s: %w", target, err)
+	}
+	const want = unix.ST_RDONLY | unix.ST_NOSUID | unix.ST_NODEV | unix.ST_NOEXEC
+	if st.Flags&want != want {
+		return fmt.Errorf("the mount at %s has flags %#x, want read-only, nosuid, nodev, noexec", target, st.Flags)
 	}
 	return nil
 }

@@ -19,16 +19,7 @@ type source struct {
 // sourceOf finds the mount holding the resolved path dir and returns how a
 // bind mount of dir appears in the table.
 func sourceOf(table []*mountinfo.Info, dir string) (source, error) {
-	var best *mountinfo.Info
-	for _, m := range table {
-		if !isUnder(dir, m.Mountpoint) {
-			continue
-		}
-		if best == nil || len(m.Mountpoint) > len(best.Mountpoint) ||
-			(m.Mountpoint == best.Mountpoint && m.Parent == best.ID) {
-			best = m
-		}
-	}
+	best := holder(table, dir)
 	if best == nil {
 		return source{}, fmt.Errorf("no mount holds %s", dir)
 	}
@@ -37,6 +28,22 @@ func sourceOf(table []*mountinfo.Info, dir string) (source, error) {
 		return source{}, fmt.Errorf("locate %s in mount %s: %w", dir, best.Mountpoint, err)
 	}
 	return source{major: best.Major, minor: best.Minor, root: filepath.Join(best.Root, rel)}, nil
+}
+
+// holder returns the visible mount that the resolved path lies in: the
+// deepest mount point above it, its top layer when stacked.
+func holder(table []*mountinfo.Info, path string) *mountinfo.Info {
+	var best *mountinfo.Info
+	for _, m := range table {
+		if !isUnder(path, m.Mountpoint) {
+			continue
+		}
+		if best == nil || len(m.Mountpoint) > len(best.Mountpoint) ||
+			(m.Mountpoint == best.Mountpoint && m.Parent == best.ID) {
+			best = m
+		}
+	}
+	return best
 }
 
 // isUnder reports whether path is dir or below it.

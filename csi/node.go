@@ -4,31 +4,10 @@ import (
 	"context"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
-	"google.golang.org/protobuf/types/known/wrapperspb"
 )
 
-// identityServer is the CSI Identity service.
-type identityServer struct {
-	csipb.UnimplementedIdentityServer
-	d *Driver
-}
-
-func (s identityServer) GetPluginInfo(context.Context, *csipb.GetPluginInfoRequest) (*csipb.GetPluginInfoResponse, error) {
-	return &csipb.GetPluginInfoResponse{Name: s.d.name, VendorVersion: s.d.version}, nil
-}
-
-// GetPluginCapabilities: a node-only plugin, no controller service, no topology.
-func (s identityServer) GetPluginCapabilities(context.Context, *csipb.GetPluginCapabilitiesRequest) (*csipb.GetPluginCapabilitiesResponse, error) {
-	return &csipb.GetPluginCapabilitiesResponse{}, nil
-}
-
-// Probe is not ready until the Workload API serves: a pod started earlier
-// would find the socket directory empty.
-func (s identityServer) Probe(context.Context, *csipb.ProbeRequest) (*csipb.ProbeResponse, error) {
-	return &csipb.ProbeResponse{Ready: wrapperspb.Bool(s.d.ready())}, nil
-}
-
-// nodeServer is the CSI Node service.
+// nodeServer is the CSI Node service: each method converts the request, calls
+// the Driver's plain function and converts the answer or the error.
 type nodeServer struct {
 	csipb.UnimplementedNodeServer
 	d *Driver
@@ -72,13 +51,7 @@ func (s nodeServer) NodeUnpublishVolume(ctx context.Context, req *csipb.NodeUnpu
 }
 
 func (s nodeServer) NodeGetVolumeStats(ctx context.Context, req *csipb.NodeGetVolumeStatsRequest) (*csipb.NodeGetVolumeStatsResponse, error) {
-	if err := validateVolumeID(req.GetVolumeId()); err != nil {
-		return nil, toStatus(err)
-	}
-	if req.GetVolumePath() == "" {
-		return nil, toStatus(invalidf("volume_path is missing"))
-	}
-	c, err := s.d.checkVolume(req.GetVolumeId(), req.GetVolumePath())
+	c, err := s.d.volumeStats(req.GetVolumeId(), req.GetVolumePath())
 	if err != nil {
 		return nil, toStatus(err)
 	}

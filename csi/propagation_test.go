@@ -18,7 +18,7 @@ const bindChildEnv = "CSI_TEST_BIND_CHILD"
 // runBindChild publishes the way the agent does from inside its container:
 // in its own mount namespace whose kubelet dir is a peer of the host's.
 func runBindChild() int {
-	flags, _ := asBind("", []string{"bind", "ro", "nosuid", "nodev", "noexec"})
+	flags, _ := asBind(bindOptions)
 	bind := bindMount
 	if os.Getenv("BIND_FALLBACK") == "1" {
 		bind = bindFromReadOnlyCopy

@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/moby/sys/mountinfo"
-	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
 	"github.com/csi-agent/csi-agent/internal/records"
@@ -41,54 +40,12 @@ func (d *Driver) socketSource() (string, error) {
 }
 
 func (d *Driver) tableWith(srcDir string) ([]*mountinfo.Info, source, error) {
-	table, err := d.mountTable()
+	table, err := d.mounter.MountTable()
 	if err != nil {
-		return nil, source{}, fmt.Errorf("read mount table: %w", err)
+		return nil, source{}, err
 	}
 	src, err := sourceOf(table, srcDir)
 	return table, src, err
-}
-
-// isMountPoint asks the kernel directly (openat2, no mount table read, which
-// costs real time on a node with thousands of mounts) and falls back to the
-// table when the kernel cannot say for sure.
-func (d *Driver) isMountPoint(path string) (bool, error) {
-	mounted, sure, err := mountinfo.MountedFast(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return false, nil
-	}
-	if err == nil && sure {
-		return mounted, nil
-	}
-	table, err := d.mountTable()
-	if err != nil {
-		return false, fmt.Errorf("read mount table: %w", err)
-	}
-	return len(layersAt(table, path)) > 0, nil
-}
-
-// checkBind verifies, without the mount table, that the top mount at target
-// shows srcDir with the read-only flags.
-func checkBind(srcDir, target string) error {
-	var src, tgt unix.Stat_t
-	if err := unix.Stat(srcDir, &src); err != nil {
-		return fmt.Errorf("stat %s: %w", srcDir, err)
-	}
-	if err := unix.Stat(target, &tgt); err != nil {
-		return fmt.Errorf("stat %s: %w", target, err)
-	}
-	if src.Dev != tgt.Dev || src.Ino != tgt.Ino {
-		return fmt.Errorf("%s does not show the socket directory", target)
-	}
-	var st unix.Statfs_t
-	if err := unix.Statfs(target, &st); err != nil {
-		return fmt.Errorf("statfs %s: %w", target, err)
-	}
-	const want = unix.ST_RDONLY | unix.ST_NOSUID | unix.ST_NODEV | unix.ST_NOEXEC
-	if st.Flags&want != want {
-		return fmt.Errorf("the mount at %s has flags %#x, want read-only, nosuid, nodev, noexec", target, st.Flags)
-	}
-	return nil
 }
 
 // publish makes the target a read-only bind mount of the socket directory and
@@ -126,7 +83,7 @@ func (d *Driver) publish(p publishRequest) error {
 	}
 	state, why := stateUnmounted, ""
 	if t.exists {
-		mounted, err := d.isMountPoint(t.real)
+		mounted, err := d.mounter.IsMountPoint(t.real)
 		if err != nil {
 			return err
 		}
@@ -152,7 +109,7 @@ func (d *Driver) publish(p publishRequest) error {
 		return d.record(rec, t, false)
 	}
 	if state == stateOursBroken {
-		klog.InfoS("Replacing a broken mount at the target", "target", p.target, "reason", why)
+		klog.InfoS("Replacing a broken mount at the target", "target", p.target, "volume_id", p.volumeID, "reason", why)
 		if err := d.unmountAll(t.real); err != nil {
 			return err
 		}
@@ -165,7 +122,7 @@ func (d *Driver) publish(p publishRequest) error {
 		}
 		created = true
 	}
-	if err := d.mounter.MountSensitiveWithoutSystemd(srcDir, t.real, "", bindOptions, nil); err != nil {
+	if err := d.mounter.BindMount(srcDir, t.real, bindOptions); err != nil {
 		if created {
 			_ = os.Remove(t.real)
 		}
@@ -175,7 +132,7 @@ func (d *Driver) publish(p publishRequest) error {
 		d.hooks.afterMount(p.target)
 	}
 	// Check the result rather than trust the mounter.
-	if err := checkBind(srcDir, t.real); err != nil {
+	if err := d.mounter.CheckBind(srcDir, t.real); err != nil {
 		return d.rollback(t, created, err)
 	}
 	return d.record(rec, t, created)
@@ -192,7 +149,7 @@ func (d *Driver) record(rec records.Record, t target, created bool) error {
 		d.hooks.afterRecord(rec.TargetPath)
 	}
 	klog.InfoS("Published the Workload API socket", "pod", klog.KRef(rec.PodNamespace, rec.PodName),
-		"podUID", rec.PodUID, "serviceAccount", rec.ServiceAccount, "volumeID", rec.VolumeID, "target", rec.TargetPath)
+		"pod_uid", rec.PodUID, "service_account", rec.ServiceAccount, "volume_id", rec.VolumeID, "target", rec.TargetPath)
 	return nil
 }
 
@@ -249,9 +206,9 @@ func (d *Driver) unpublish(volumeID, targetPath string) error {
 	}
 	if had {
 		klog.InfoS("Unpublished the Workload API socket", "pod", klog.KRef(rec.PodNamespace, rec.PodName),
-			"podUID", rec.PodUID, "volumeID", volumeID, "target", targetPath)
+			"pod_uid", rec.PodUID, "volume_id", volumeID, "target", targetPath)
 	} else {
-		klog.InfoS("Unpublished a target that had no record", "podUID", t.podUID, "volumeID", volumeID, "target", targetPath, "existed", t.exists)
+		klog.InfoS("Unpublished a target that had no record", "pod_uid", t.podUID, "volume_id", volumeID, "target", targetPath, "existed", t.exists)
 	}
 	return nil
 }
@@ -262,7 +219,7 @@ const maxLayers = 64
 // unmountAll removes every mount stacked at the resolved path mountpoint.
 func (d *Driver) unmountAll(mountpoint string) error {
 	for i := 0; i <= maxLayers; i++ {
-		mounted, err := d.isMountPoint(mountpoint)
+		mounted, err := d.mounter.IsMountPoint(mountpoint)
 		if err != nil {
 			return err
 		}

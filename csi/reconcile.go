@@ -69,10 +69,10 @@ func (d *Driver) reconcile(ctx context.Context) (reconcileResult, error) {
 			res.Kept++
 			continue
 		case stateOursBroken:
-			klog.InfoS("Repairing a recorded mount", "target", rec.TargetPath, "reason", why)
+			klog.InfoS("Repairing a recorded mount", "target", rec.TargetPath, "volume_id", rec.VolumeID, "reason", why)
 			err := d.unmountAll(real)
 			if err == nil {
-				err = d.mounter.MountSensitiveWithoutSystemd(srcDir, real, "", bindOptions, nil)
+				err = d.mounter.BindMount(srcDir, real, bindOptions)
 			}
 			if err == nil {
 				recorded[real] = true
@@ -89,7 +89,7 @@ func (d *Driver) reconcile(ctx context.Context) (reconcileResult, error) {
 		}
 		res.Dropped = append(res.Dropped, rec.TargetPath)
 		klog.InfoS("Dropped a publish record whose target no longer holds the socket mount",
-			"pod", klog.KRef(rec.PodNamespace, rec.PodName), "podUID", rec.PodUID, "target", rec.TargetPath, "reason", why)
+			"pod", klog.KRef(rec.PodNamespace, rec.PodName), "pod_uid", rec.PodUID, "volume_id", rec.VolumeID, "target", rec.TargetPath, "reason", why)
 	}
 
 	if realRoot == "" {

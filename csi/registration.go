@@ -45,8 +45,9 @@ func ServeRegistration(ctx context.Context, opts RegistrationOptions) error {
 	switch {
 	case opts.RegistryDir == "" || !filepath.IsAbs(opts.RegistryDir):
 		return fmt.Errorf("registry dir %q is not an absolute path", opts.RegistryDir)
-	case !driverNameRE.MatchString(opts.DriverName):
-		return fmt.Errorf("driver name %q is not a valid CSI driver name", opts.DriverName)
+	case filepath.Base(opts.DriverName) != opts.DriverName:
+		// The configuration validates driver names; here it names a file.
+		return fmt.Errorf("driver name %q is not a file name", opts.DriverName)
 	case opts.Endpoint == "":
 		return errors.New("registration endpoint is empty")
 	}
@@ -98,7 +99,7 @@ func ServeRegistration(ctx context.Context, opts RegistrationOptions) error {
 }
 
 func listenRegistration(path string) (*net.UnixListener, uint64, error) {
-	ln, err := listenUnix(path)
+	ln, err := listenKubelet(path)
 	if err != nil {
 		return nil, 0, err
 	}

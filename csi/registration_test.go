@@ -13,6 +13,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	registerapi "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
+
+	"github.com/csi-agent/csi-agent/internal/config"
 )
 
 // kubeletRegister does what the kubelet's plugin watcher does with a new
@@ -57,7 +59,7 @@ func isSocket(path string) bool {
 }
 
 func TestServeRegistration(t *testing.T) {
-	for _, driver := range []string{DefaultDriverName, "csi.spiffe.io"} {
+	for _, driver := range []string{config.DefaultDriverName, "csi.spiffe.io"} {
 		t.Run(driver, func(t *testing.T) {
 			dir := filepath.Join(t.TempDir(), "plugins_registry")
 			opts := RegistrationOptions{
@@ -113,9 +115,9 @@ func TestServeRegistration(t *testing.T) {
 
 func TestServeRegistrationRejectsBadOptions(t *testing.T) {
 	for _, opts := range []RegistrationOptions{
-		{RegistryDir: "relative", DriverName: DefaultDriverName, Endpoint: "/x"},
+		{RegistryDir: "relative", DriverName: config.DefaultDriverName, Endpoint: "/x"},
 		{RegistryDir: "/tmp", DriverName: "bad/name", Endpoint: "/x"},
-		{RegistryDir: "/tmp", DriverName: DefaultDriverName},
+		{RegistryDir: "/tmp", DriverName: config.DefaultDriverName},
 	} {
 		if err := ServeRegistration(context.Background(), opts); err == nil {
 			t.Errorf("%+v accepted", opts)

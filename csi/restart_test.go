@@ -20,6 +20,7 @@ import (
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc"
 
+	"github.com/csi-agent/csi-agent/internal/config"
 	"github.com/csi-agent/csi-agent/internal/records"
 	"github.com/csi-agent/csi-agent/internal/testutil"
 )
@@ -54,6 +55,8 @@ func runChildDriver() int {
 		return 2
 	}
 	d, err := New(Options{
+		DriverName:           config.DefaultDriverName,
+		Version:              "test",
 		NodeID:               "node-1",
 		KubeletRootDir:       os.Getenv(childKubeletRoot),
 		WorkloadAPISocketDir: os.Getenv(childSocketDir),

@@ -55,7 +55,7 @@ func TestServeIdentityAndNodeInfo(t *testing.T) {
 	e := newEnv(t)
 	var ready atomic.Bool
 	store, _ := records.Open(filepath.Join(e.root, "state2"))
-	d, err := New(Options{DriverName: "csi.spiffe.io", Version: "1.2.3", NodeID: "node-a", WorkloadAPISocketDir: e.socketDir, Records: store, Ready: ready.Load})
+	d, err := New(Options{DriverName: "csi.spiffe.io", Version: "1.2.3", NodeID: "node-a", KubeletRootDir: e.kubeletRoot, WorkloadAPISocketDir: e.socketDir, Records: store, Ready: ready.Load})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -153,61 +153,6 @@ func TestServeSocketFile(t *testing.T) {
 	}
 	if _, err := os.Lstat(socket); !errors.Is(err, fs.ErrNotExist) {
 		t.Fatalf("socket left after stop: %v", err)
-	}
-}
-
-func TestNewValidatesOptions(t *testing.T) {
-	store, err := records.Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	ok := Options{NodeID: "n", WorkloadAPISocketDir: "/run/csi-agent", Records: store}
-	d, err := New(ok)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if d.name != DefaultDriverName || d.kubeletRoot != DefaultKubeletRootDir || d.version == "" {
-		t.Fatalf("defaults: %q %q %q", d.name, d.kubeletRoot, d.version)
-	}
-	for _, tc := range []struct {
-		name   string
-		mutate func(*Options)
-		want   string
-	}{
-		{"bad driver name", func(o *Options) { o.DriverName = "-csi" }, "driver name"},
-		{"driver name too long", func(o *Options) { o.DriverName = strings.Repeat("a", 64) }, "driver name"},
-		{"driver name with slash", func(o *Options) { o.DriverName = "a/b" }, "driver name"},
-		{"no node", func(o *Options) { o.NodeID = "" }, NodeNameEnv},
-		{"node too long", func(o *Options) { o.NodeID = strings.Repeat("n", 257) }, "node ID"},
-		{"relative kubelet root", func(o *Options) { o.KubeletRootDir = "var/lib/kubelet" }, "not absolute"},
-		{"no socket dir", func(o *Options) { o.WorkloadAPISocketDir = "" }, "socket dir"},
-		{"relative socket dir", func(o *Options) { o.WorkloadAPISocketDir = "run" }, "not absolute"},
-		{"no records", func(o *Options) { o.Records = nil }, "records"},
-	} {
-		o := ok
-		tc.mutate(&o)
-		if _, err := New(o); err == nil || !strings.Contains(err.Error(), tc.want) {
-			t.Errorf("%s: got %v, want error containing %q", tc.name, err, tc.want)
-		}
-	}
-	o := ok
-	o.DriverName = "csi.spiffe.io"
-	if _, err := New(o); err != nil {
-		t.Errorf("csi.spiffe.io: %v", err)
-	}
-}
-
-func TestNodeName(t *testing.T) {
-	t.Setenv(NodeNameEnv, "from-env")
-	if n, err := NodeName("from-flag"); err != nil || n != "from-flag" {
-		t.Fatalf("flag: %q %v", n, err)
-	}
-	if n, err := NodeName(""); err != nil || n != "from-env" {
-		t.Fatalf("env: %q %v", n, err)
-	}
-	t.Setenv(NodeNameEnv, "")
-	if _, err := NodeName(""); err == nil {
-		t.Fatal("no flag, no env: no error")
 	}
 }
 

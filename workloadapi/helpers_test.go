@@ -18,9 +18,9 @@ import (
 	unixattestor "github.com/csi-agent/csi-agent/attestor/unix"
 	"github.com/csi-agent/csi-agent/internal/ca"
 	"github.com/csi-agent/csi-agent/internal/federation"
-	"github.com/csi-agent/csi-agent/internal/svidcache"
 	"github.com/csi-agent/csi-agent/internal/peer"
 	"github.com/csi-agent/csi-agent/internal/rules"
+	"github.com/csi-agent/csi-agent/internal/svidcache"
 )
 
 // testAgent is a Workload API server on a real Unix socket with the real CA,
@@ -74,6 +74,9 @@ func startAgent(t testing.TB, cfg agentConfig) *testAgent {
 	if cfg.stateDir == "" {
 		cfg.stateDir = t.TempDir()
 	}
+	if cfg.x509TTL == 0 {
+		cfg.x509TTL = time.Hour
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	auth, err := ca.New(ctx, ca.Options{
 		TrustDomain:      td,
@@ -81,6 +84,8 @@ func startAgent(t testing.TB, cfg agentConfig) *testAgent {
 		UpstreamCertFile: cfg.upstream[0],
 		UpstreamKeyFile:  cfg.upstream[1],
 		X509SVIDTTL:      cfg.x509TTL,
+		JWTSVIDTTL:       5 * time.Minute,
+		IntermediateTTL:  24 * time.Hour,
 	})
 	if err != nil {
 		cancel()
@@ -97,12 +102,17 @@ func startAgent(t testing.TB, cfg agentConfig) *testAgent {
 		cancel()
 		t.Fatal(err)
 	}
+	unix, err := unixattestor.New(unixattestor.Options{ProcRoot: "/proc", PasswdFile: "/etc/passwd", GroupFile: "/etc/group"})
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
 	srv, err := New(Options{
 		TrustDomain: td,
-		Attestor:    unixattestor.New(unixattestor.Options{}),
+		Unix:        unix,
 		Rules:       set,
-		Authority:   auth,
-		Cache:       cache,
+		Bundle:      auth,
+		SVIDs:       cache,
 		Federation:  fed,
 	})
 	if err != nil {

@@ -23,18 +23,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
-	"os"
-	"path/filepath"
-	"strconv"
-	"strings"
-	"syscall"
 	"time"
 
 	"k8s.io/klog/v2"
 	"k8s.io/utils/clock"
 
 	"github.com/csi-agent/csi-agent/attestor"
+	"github.com/csi-agent/csi-agent/internal/procfs"
 	"github.com/csi-agent/csi-agent/internal/records"
 )
 
@@ -60,26 +55,20 @@ func ParseCrossCheck(s string) (CrossCheck, error) {
 	return "", fmt.Errorf("invalid cross-check mode %q: want %q, %q or %q", s, CrossCheckEnforce, CrossCheckWarn, CrossCheckOff)
 }
 
-// Defaults for Options.
-const (
-	DefaultProcRoot           = "/proc"
-	DefaultMinRefreshInterval = 250 * time.Millisecond
-	DefaultRetryBudget        = 30 * time.Second
-	// DefaultContainerWait keeps a caller whose container ID the kubelet has
-	// not reported yet (postStart hook running) well under a second.
-	DefaultContainerWait = 600 * time.Millisecond
-	DefaultMaxCacheAge   = 5 * time.Second
-)
+// Records are the CSI mount records of the node: the seam to the journal.
+type Records interface {
+	ByPodUID(podUID string) []records.Record
+}
 
-// Options configure an Attestor. Zero durations take the defaults.
+// Options configure an Attestor; internal/config owns their defaults.
 type Options struct {
-	// ProcRoot is where /proc/<pid>/cgroup is read; default DefaultProcRoot.
+	// ProcRoot is where /proc/<pid>/cgroup is read (required).
 	ProcRoot string
 	// Pods lists the kubelet's pods (required).
 	Pods PodLister
 	// Records are the CSI mount records (required unless CrossCheck is off).
-	Records *records.Store
-	// CrossCheck defaults to CrossCheckEnforce.
+	Records Records
+	// CrossCheck is CrossCheckEnforce, CrossCheckWarn or CrossCheckOff.
 	CrossCheck CrossCheck
 	// NodeName is reported when a pod's spec does not carry it.
 	NodeName string
@@ -94,14 +83,16 @@ type Options struct {
 	// MaxCacheAge bounds how old a pod list may be and still answer without
 	// a new request, so label and owner changes show within it.
 	MaxCacheAge time.Duration
+	// RequestTimeout bounds one pod list request.
+	RequestTimeout time.Duration
 	// Clock defaults to the real clock.
 	Clock clock.Clock
 }
 
 // Attestor attests callers by pid. It is safe for concurrent use.
 type Attestor struct {
-	procRoot      string
-	records       *records.Store
+	proc          *procfs.FS
+	records       Records
 	mode          CrossCheck
 	nodeName      string
 	retryBudget   time.Duration
@@ -116,11 +107,9 @@ func New(opts Options) (*Attestor, error) {
 	if opts.Pods == nil {
 		return nil, errors.New("kubernetes attestor needs a pod lister")
 	}
-	if opts.ProcRoot == "" {
-		opts.ProcRoot = DefaultProcRoot
-	}
-	if opts.CrossCheck == "" {
-		opts.CrossCheck = CrossCheckEnforce
+	proc, err := procfs.New(opts.ProcRoot)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes attestor needs a proc root: %w", err)
 	}
 	mode, err := ParseCrossCheck(string(opts.CrossCheck))
 	if err != nil {
@@ -129,23 +118,21 @@ func New(opts Options) (*Attestor, error) {
 	if mode != CrossCheckOff && opts.Records == nil {
 		return nil, fmt.Errorf("cross-check %q needs the mount records", mode)
 	}
-	durations := []struct {
+	for _, d := range []struct {
 		name string
-		d    *time.Duration
-		def  time.Duration
+		d    time.Duration
 	}{
-		{"min refresh interval", &opts.MinRefreshInterval, DefaultMinRefreshInterval},
-		{"retry budget", &opts.RetryBudget, DefaultRetryBudget},
-		{"container wait", &opts.ContainerWait, DefaultContainerWait},
-		{"max cache age", &opts.MaxCacheAge, DefaultMaxCacheAge},
+		{"min refresh interval", opts.MinRefreshInterval},
+		{"retry budget", opts.RetryBudget},
+		{"container wait", opts.ContainerWait},
+		{"max cache age", opts.MaxCacheAge},
+	} {
+		if d.d < 0 {
+			return nil, fmt.Errorf("%s %v is negative", d.name, d.d)
+		}
 	}
-	for _, d := range durations {
-		if *d.d < 0 {
-			return nil, fmt.Errorf("%s %v is negative", d.name, *d.d)
-		}
-		if *d.d == 0 {
-			*d.d = d.def
-		}
+	if opts.RequestTimeout <= 0 {
+		return nil, fmt.Errorf("request timeout %v is not positive", opts.RequestTimeout)
 	}
 	if opts.ContainerWait > opts.RetryBudget {
 		return nil, fmt.Errorf("container wait %v exceeds the retry budget %v", opts.ContainerWait, opts.RetryBudget)
@@ -154,7 +141,7 @@ func New(opts Options) (*Attestor, error) {
 		opts.Clock = clock.RealClock{}
 	}
 	return &Attestor{
-		procRoot:      opts.ProcRoot,
+		proc:          proc,
 		records:       opts.Records,
 		mode:          mode,
 		nodeName:      opts.NodeName,
@@ -166,15 +153,9 @@ func New(opts Options) (*Attestor, error) {
 			lister:         opts.Pods,
 			clock:          opts.Clock,
 			minInterval:    opts.MinRefreshInterval,
-			requestTimeout: DefaultKubeletTimeout,
+			requestTimeout: opts.RequestTimeout,
 		},
 	}, nil
-}
-
-// IsContainerField reports whether a field is known only once the kubelet
-// lists the caller's container.
-func IsContainerField(field string) bool {
-	return strings.HasPrefix(field, "kubernetes.container_")
 }
 
 // KubeletRequests counts the pod list requests made so far.
@@ -196,9 +177,9 @@ func (a *Attestor) AttestWithContainerWait(ctx context.Context, pid int32, conta
 	if pid <= 0 {
 		return nil, fmt.Errorf("%w: pid %d is outside the agent's PID namespace", attestor.ErrDenied, pid)
 	}
-	data, err := os.ReadFile(filepath.Join(a.procRoot, strconv.Itoa(int(pid)), "cgroup"))
+	data, err := a.proc.ReadFile(pid, "cgroup", nil, maxCgroupSize)
 	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ESRCH) {
+		if errors.Is(err, procfs.ErrGone) {
 			return nil, fmt.Errorf("%w: process %d is gone", attestor.ErrDenied, pid)
 		}
 		return nil, fmt.Errorf("%w: read cgroup of process %d: %w", attestor.ErrUnavailable, pid, err)

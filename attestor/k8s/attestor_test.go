@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/csi-agent/csi-agent/attestor/field"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -93,19 +94,12 @@ func (p *procRoot) putRaw(pid int, content string) {
 	}
 }
 
-func openRecords(t testing.TB, recs ...records.Record) *records.Store {
-	t.Helper()
-	s, err := records.Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { s.Close() })
+func openRecords(_ testing.TB, recs ...records.Record) memRecords {
+	m := memRecords{}
 	for _, r := range recs {
-		if err := s.Put(r); err != nil {
-			t.Fatal(err)
-		}
+		m[r.PodUID] = append(m[r.PodUID], r)
 	}
-	return s
+	return m
 }
 
 func recordFor(p corev1.Pod) records.Record {
@@ -120,9 +114,41 @@ func recordFor(p corev1.Pod) records.Record {
 	}
 }
 
+// testOptions fills what internal/config would, with the same values.
+func testOptions(opts Options) Options {
+	if opts.ProcRoot == "" {
+		opts.ProcRoot = "/proc"
+	}
+	if opts.CrossCheck == "" {
+		opts.CrossCheck = CrossCheckEnforce
+	}
+	for _, d := range []struct {
+		v   *time.Duration
+		def time.Duration
+	}{
+		{&opts.MinRefreshInterval, testMinRefreshInterval},
+		{&opts.RetryBudget, 30 * time.Second},
+		{&opts.ContainerWait, 600 * time.Millisecond},
+		{&opts.MaxCacheAge, 5 * time.Second},
+		{&opts.RequestTimeout, 10 * time.Second},
+	} {
+		if *d.v == 0 {
+			*d.v = d.def
+		}
+	}
+	return opts
+}
+
+const testMinRefreshInterval = 250 * time.Millisecond
+
+// memRecords are mount records held in memory.
+type memRecords map[string][]records.Record
+
+func (m memRecords) ByPodUID(uid string) []records.Record { return m[uid] }
+
 func newAttestor(t testing.TB, opts Options) *Attestor {
 	t.Helper()
-	a, err := New(opts)
+	a, err := New(testOptions(opts))
 	if err != nil {
 		t.Fatalf("New: %v", err)
 	}
@@ -222,29 +248,29 @@ func TestAttestReportsPodAndContainer(t *testing.T) {
 	}
 	digest := "@sha256:" + strings.Repeat("ab", 32)
 	want := attestor.Attributes{
-		FieldNamespace:              {"shop"},
-		FieldPodName:                {"web-7d9f"},
-		FieldPodUID:                 {uidN(1)},
-		FieldServiceAccount:         {"web-sa"},
-		FieldNodeName:               {"node-a"},
-		FieldPodLabelPrefix + "app": {"web"},
-		FieldPodLabelPrefix + "app.kubernetes.io/version": {"1.2"},
-		FieldPodOwnerKind: {"ReplicaSet"},
-		FieldPodOwnerName: {"web-7d9f5c"},
-		FieldPodOwnerUID:  {"11111111-2222-4333-8444-555555555555"},
-		FieldPodImage: {"nginx:1.27", "fluent-bit:3",
+		field.K8sNamespace:              {"shop"},
+		field.K8sPodName:                {"web-7d9f"},
+		field.K8sPodUID:                 {uidN(1)},
+		field.K8sServiceAccount:         {"web-sa"},
+		field.K8sNodeName:               {"node-a"},
+		field.K8sPodLabelPrefix + "app": {"web"},
+		field.K8sPodLabelPrefix + "app.kubernetes.io/version": {"1.2"},
+		field.K8sPodOwnerKind: {"ReplicaSet"},
+		field.K8sPodOwnerName: {"web-7d9f5c"},
+		field.K8sPodOwnerUID:  {"11111111-2222-4333-8444-555555555555"},
+		field.K8sPodImage: {"nginx:1.27", "fluent-bit:3",
 			"docker.io/library/nginx:1.27", "docker.io/library/nginx" + digest,
 			"docker.io/library/fluent-bit:3", "docker.io/library/fluent-bit" + digest},
-		FieldPodImageCount: {"2"},
-		FieldPodInitImage: {"migrate:3", "envoy:1.30",
+		field.K8sPodImageCount: {"2"},
+		field.K8sPodInitImage: {"migrate:3", "envoy:1.30",
 			"docker.io/library/migrate:3", "docker.io/library/migrate" + digest,
 			"docker.io/library/envoy:1.30", "docker.io/library/envoy" + digest},
-		FieldPodInitImageCount: {"2"},
-		FieldContainerID:       {cidN(13)},
-		FieldContainerName:     {"app"},
-		FieldContainerType:     {"container"},
-		FieldContainerImage:    {"docker.io/library/nginx:1.27"},
-		FieldContainerImageID:  {"docker.io/library/nginx" + digest},
+		field.K8sPodInitImageCount: {"2"},
+		field.K8sContainerID:       {cidN(13)},
+		field.K8sContainerName:     {"app"},
+		field.K8sContainerType:     {"container"},
+		field.K8sContainerImage:    {"docker.io/library/nginx:1.27"},
+		field.K8sContainerImageID:  {"docker.io/library/nginx" + digest},
 	}
 	if !reflect.DeepEqual(got.attrs, want) {
 		t.Fatalf("attributes:\n got %s\nwant %s", got.attrs, want)
@@ -261,10 +287,10 @@ func TestAttestReportsPodAndContainer(t *testing.T) {
 		if got.err != nil {
 			t.Fatalf("pid %d: %v", pid, got.err)
 		}
-		if name, _ := got.attrs.Get(FieldContainerName); name != w[0] {
+		if name, _ := got.attrs.Get(field.K8sContainerName); name != w[0] {
 			t.Errorf("pid %d: container name %q, want %q", pid, name, w[0])
 		}
-		if typ, _ := got.attrs.Get(FieldContainerType); typ != w[1] {
+		if typ, _ := got.attrs.Get(field.K8sContainerType); typ != w[1] {
 			t.Errorf("pid %d: container type %q, want %q", pid, typ, w[1])
 		}
 	}
@@ -349,7 +375,7 @@ func TestAttestCrossCheck(t *testing.T) {
 					if got.err != nil {
 						t.Fatalf("err = %v, want attested", got.err)
 					}
-					if sa, _ := got.attrs.Get(FieldServiceAccount); sa != "web-sa" {
+					if sa, _ := got.attrs.Get(field.K8sServiceAccount); sa != "web-sa" {
 						t.Fatalf("service account %q: the kubelet is the authority, not the record", sa)
 					}
 					if tt.reason != "" && mode == CrossCheckWarn && !strings.Contains(logs(), tt.reason) {
@@ -403,10 +429,10 @@ func TestAttestSharesOneRequestAmong100Callers(t *testing.T) {
 				failures.Add(1)
 				return
 			}
-			if name, _ := attrs.Get(FieldPodName); name != "pod-"+strconv.Itoa(i) {
+			if name, _ := attrs.Get(field.K8sPodName); name != "pod-"+strconv.Itoa(i) {
 				t.Errorf("caller %d got pod %q", i, name)
 			}
-			if id, _ := attrs.Get(FieldContainerID); id != cidN(i) {
+			if id, _ := attrs.Get(field.K8sContainerID); id != cidN(i) {
 				t.Errorf("caller %d got container %q", i, id)
 			}
 		}(i)
@@ -439,7 +465,7 @@ func TestAttestRetriesUntilPodListed(t *testing.T) {
 	if got.err != nil {
 		t.Fatal(got.err)
 	}
-	if name, _ := got.attrs.Get(FieldContainerName); name != "app" {
+	if name, _ := got.attrs.Get(field.K8sContainerName); name != "app" {
 		t.Fatalf("attributes %s", got.attrs)
 	}
 	times := lister.requestTimes()
@@ -499,10 +525,10 @@ func TestAttestContainerNotYetReported(t *testing.T) {
 	if waited := fc.Since(start); waited > time.Second {
 		t.Fatalf("pod-level answer took %v of clock time", waited)
 	}
-	if uid, _ := got.attrs.Get(FieldPodUID); uid != uidN(1) {
+	if uid, _ := got.attrs.Get(field.K8sPodUID); uid != uidN(1) {
 		t.Fatalf("attributes %s lack the pod UID", got.attrs)
 	}
-	for _, f := range []string{FieldContainerID, FieldContainerName, FieldContainerType, FieldContainerImage, FieldContainerImageID} {
+	for _, f := range []string{field.K8sContainerID, field.K8sContainerName, field.K8sContainerType, field.K8sContainerImage, field.K8sContainerImageID} {
 		if _, ok := got.attrs[f]; ok {
 			t.Fatalf("container field %s present before the kubelet reported the container: %s", f, got.attrs)
 		}
@@ -513,7 +539,7 @@ func TestAttestContainerNotYetReported(t *testing.T) {
 
 	ready.Store(true)
 	got = attestDriven(a, fc, 10*time.Millisecond, 7)
-	if name, _ := got.attrs.Get(FieldContainerName); got.err != nil || name != "app" {
+	if name, _ := got.attrs.Get(field.K8sContainerName); got.err != nil || name != "app" {
 		t.Fatalf("after the status update: (%s, %v)", got.attrs, got.err)
 	}
 }
@@ -538,27 +564,14 @@ func TestAttestNoContainerWaitAnswersAtOnce(t *testing.T) {
 	if waited := fc.Since(start); waited != 0 {
 		t.Fatalf("answer took %v of clock time, want none", waited)
 	}
-	if ns, _ := got.attrs.Get(FieldNamespace); ns != "shop" {
+	if ns, _ := got.attrs.Get(field.K8sNamespace); ns != "shop" {
 		t.Fatalf("attributes %s lack the namespace", got.attrs)
 	}
-	if _, ok := got.attrs[FieldContainerName]; ok {
+	if _, ok := got.attrs[field.K8sContainerName]; ok {
 		t.Fatalf("container field before the kubelet listed it: %s", got.attrs)
 	}
 	if n := a.KubeletRequests(); n != 1 {
 		t.Fatalf("%d kubelet requests, want 1", n)
-	}
-}
-
-func TestIsContainerField(t *testing.T) {
-	for _, f := range []string{FieldContainerName, FieldContainerID, FieldContainerImage, FieldContainerImageID, FieldContainerType} {
-		if !IsContainerField(f) {
-			t.Errorf("%s is a container field", f)
-		}
-	}
-	for _, f := range []string{FieldNamespace, FieldPodUID, "kubernetes.pod_label.container_name", "unix.uid"} {
-		if IsContainerField(f) {
-			t.Errorf("%s is not a container field", f)
-		}
 	}
 }
 
@@ -642,7 +655,7 @@ func TestAttestCacheReuseAndMaxAge(t *testing.T) {
 	list.Store(podListJSON(t, a1, a2))
 	fc.Step(6 * time.Second)
 	r := attestDriven(a, fc, 10*time.Millisecond, 1)
-	if r.err != nil || !r.attrs.Has(FieldPodLabelPrefix+"tier", "gold") {
+	if r.err != nil || !r.attrs.Has(field.K8sPodLabelPrefix+"tier", "gold") {
 		t.Fatalf("after max age: (%s, %v)", r.attrs, r.err)
 	}
 	if n := a.KubeletRequests(); n != 2 {
@@ -677,17 +690,25 @@ func TestNewRejectsBadOptions(t *testing.T) {
 		{"bad mode", Options{Pods: lister, Records: store, CrossCheck: "strict"}, `"enforce", "warn" or "off"`},
 		{"negative interval", Options{Pods: lister, Records: store, MinRefreshInterval: -1}, "negative"},
 		{"container wait beyond budget", Options{Pods: lister, Records: store, RetryBudget: time.Second, ContainerWait: 2 * time.Second}, "exceeds"},
+		{"negative request timeout", Options{Pods: lister, Records: store, RequestTimeout: -1}, "not positive"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			_, err := New(tt.opts)
+			_, err := New(testOptions(tt.opts))
 			if err == nil || !strings.Contains(err.Error(), tt.want) {
 				t.Fatalf("err = %v, want one containing %q", err, tt.want)
 			}
 		})
 	}
-	if _, err := New(Options{Pods: lister, CrossCheck: CrossCheckOff}); err != nil {
+	if _, err := New(testOptions(Options{Pods: lister, CrossCheck: CrossCheckOff})); err != nil {
 		t.Fatalf("cross-check off needs no records: %v", err)
+	}
+	// Components take no defaults: internal/config fills every option.
+	if _, err := New(Options{Pods: lister, CrossCheck: CrossCheckOff, RequestTimeout: time.Second}); err == nil || !strings.Contains(err.Error(), "proc root") {
+		t.Fatalf("no proc root: err = %v", err)
+	}
+	if _, err := New(Options{ProcRoot: "/proc", Pods: lister, Records: store}); err == nil || !strings.Contains(err.Error(), "cross-check") {
+		t.Fatalf("no cross-check mode: err = %v", err)
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"encoding/json"
 	"errors"
+	"github.com/csi-agent/csi-agent/internal/records"
 	"sort"
 	"strconv"
 	"strings"
@@ -19,7 +20,7 @@ import (
 // node of 110 pods, with the real clock: requests stay within one per interval.
 func TestAttest100ConcurrentOverTLS(t *testing.T) {
 	k, a, pids := benchSetup(t)
-	const interval = DefaultMinRefreshInterval
+	const interval = testMinRefreshInterval
 	start := time.Now()
 	errs := make(chan error, len(pids))
 	for _, pid := range pids {
@@ -63,26 +64,24 @@ func benchSetup(tb testing.TB) (*kubeletStandIn, *Attestor, []int32) {
 	for i := 0; i < 110; i++ {
 		p := richPodN(i)
 		pods = append(pods, p)
-		if err := store.Put(recordFor(p)); err != nil {
-			tb.Fatal(err)
-		}
+		store[string(p.UID)] = []records.Record{recordFor(p)}
 		if i < 100 {
 			procs.put(3000+i, uidN(100+i), cidN(1000+i))
 			pids = append(pids, int32(3000+i))
 		}
 	}
 	k.setPods(pods...)
-	client, err := NewKubeletClient(KubeletConfig{
+	client, err := NewKubeletClient(testKubelet(KubeletConfig{
 		Port:      k.port(),
 		NodeName:  "node-a",
 		CAFile:    writeFile(tb, dir, "ca.crt", ca.pem),
 		TokenFile: writeFile(tb, dir, "token", []byte("agent-token")),
-	})
+	}))
 	if err != nil {
 		tb.Fatal(err)
 	}
 	tb.Cleanup(client.Close)
-	a, err := New(Options{ProcRoot: procs.dir, Pods: client, Records: store, NodeName: "node-a"})
+	a, err := New(testOptions(Options{ProcRoot: procs.dir, Pods: client, Records: store, NodeName: "node-a"}))
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -139,7 +138,7 @@ func BenchmarkAttest100Concurrent110Pods(b *testing.B) {
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
 				if mode == "cold" {
-					fresh, err := New(Options{ProcRoot: a.procRoot, Pods: client, Records: a.records, NodeName: "node-a"})
+					fresh, err := New(testOptions(Options{ProcRoot: a.proc.Root(), Pods: client, Records: a.records, NodeName: "node-a"}))
 					if err != nil {
 						b.Fatal(err)
 					}

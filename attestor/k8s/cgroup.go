@@ -7,6 +7,10 @@ import (
 	"strings"
 )
 
+// maxCgroupSize bounds a /proc/<pid>/cgroup read. A process in a delegated
+// subtree picks its cgroup path, so the file is not small by nature.
+const maxCgroupSize = 1 << 20
+
 // ParseCgroup finds the pod UID and container ID in the contents of
 // /proc/<pid>/cgroup as the agent sees it (host view). An empty podUID with a
 // nil error means the process is not in a pod. containerID is empty when the
@@ -24,13 +28,8 @@ import (
 // A container ID is 64 lowercase hex.
 func ParseCgroup(data []byte) (podUID, containerID string, err error) {
 	lineNo := 0
-	for len(data) > 0 {
-		var line []byte
-		if i := bytes.IndexByte(data, '\n'); i >= 0 {
-			line, data = data[:i], data[i+1:]
-		} else {
-			line, data = data, nil
-		}
+	for line := range bytes.Lines(data) {
+		line = bytes.TrimSuffix(line, []byte{'\n'})
 		lineNo++
 		if len(line) == 0 {
 			continue

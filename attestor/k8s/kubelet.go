@@ -28,17 +28,6 @@ type PodLister interface {
 }
 
 const (
-	// DefaultKubeletPort is the kubelet's secure (HTTPS) port.
-	DefaultKubeletPort = 10250
-	// DefaultTokenFile is the agent's own service account token.
-	DefaultTokenFile = "/var/run/secrets/kubernetes.io/serviceaccount/token"
-	// DefaultNodeNameEnv is the environment variable read for the node name
-	// when KubeletConfig.NodeName is empty (the DaemonSet sets it from the
-	// downward API, spec.nodeName).
-	DefaultNodeNameEnv = "MY_NODE_NAME"
-	// DefaultKubeletTimeout bounds one GET /pods, connection included.
-	DefaultKubeletTimeout = 10 * time.Second
-
 	// A node's pod list is a few MB at most; anything far larger is not a kubelet.
 	maxPodListBytes = 256 << 20
 )
@@ -46,22 +35,19 @@ const (
 // KubeletConfig says how to reach the local kubelet.
 type KubeletConfig struct {
 	// NodeName is the name the kubelet's serving certificate is checked
-	// against when Host is an IP address (the default 127.0.0.1). Empty: the
-	// environment variable named by NodeNameEnv.
+	// against when Host is an IP address.
 	NodeName string
-	// NodeNameEnv names that variable; default DefaultNodeNameEnv.
-	NodeNameEnv string
-	// Host to dial; default 127.0.0.1 (the agent runs with the host network).
-	// A DNS name here is also the name the serving certificate must carry.
+	// Host to dial (required), such as 127.0.0.1: the agent runs with the
+	// host network. A DNS name here is also the name the serving certificate
+	// must carry.
 	Host string
-	// Port is the secure port; default DefaultKubeletPort.
+	// Port is the secure port.
 	Port int
 	// ReadOnlyPort, when > 0, selects the kubelet's unauthenticated plain-HTTP
 	// port instead of the secure one. It takes no credentials or TLS options.
 	ReadOnlyPort int
 	// TokenFile holds the bearer token; it is read on every request, so a
-	// rotated token is used at once. Default DefaultTokenFile, unless Anonymous
-	// or a client certificate is set.
+	// rotated token is used at once.
 	TokenFile string
 	// CAFile verifies the kubelet's serving certificate; empty: system roots.
 	// Re-read when it changes.
@@ -74,7 +60,7 @@ type KubeletConfig struct {
 	InsecureSkipVerify bool
 	// Anonymous sends no credentials at all.
 	Anonymous bool
-	// Timeout bounds one request; default DefaultKubeletTimeout.
+	// Timeout bounds one request, connection included.
 	Timeout time.Duration
 }
 
@@ -94,28 +80,15 @@ type KubeletClient struct {
 // NewKubeletClient checks cfg and loads its credentials once, so that a
 // missing or broken file is reported at start rather than on first use.
 func NewKubeletClient(cfg KubeletConfig) (*KubeletClient, error) {
-	if cfg.NodeNameEnv == "" {
-		cfg.NodeNameEnv = DefaultNodeNameEnv
-	}
-	if cfg.NodeName == "" {
-		cfg.NodeName = os.Getenv(cfg.NodeNameEnv)
-	}
-	if cfg.Host == "" {
-		cfg.Host = "127.0.0.1"
-	}
-	if cfg.Port == 0 {
-		cfg.Port = DefaultKubeletPort
-	}
-	if cfg.Timeout == 0 {
-		cfg.Timeout = DefaultKubeletTimeout
-	}
 	switch {
-	case cfg.Port < 0 || cfg.Port > 65535:
+	case cfg.Host == "":
+		return nil, errors.New("kubelet host is required")
+	case cfg.ReadOnlyPort == 0 && (cfg.Port < 1 || cfg.Port > 65535):
 		return nil, fmt.Errorf("kubelet port %d out of range", cfg.Port)
 	case cfg.ReadOnlyPort < 0 || cfg.ReadOnlyPort > 65535:
 		return nil, fmt.Errorf("kubelet read-only port %d out of range", cfg.ReadOnlyPort)
-	case cfg.Timeout < 0:
-		return nil, fmt.Errorf("kubelet timeout %v is negative", cfg.Timeout)
+	case cfg.Timeout <= 0:
+		return nil, fmt.Errorf("kubelet timeout %v is not positive", cfg.Timeout)
 	case (cfg.ClientCertFile == "") != (cfg.ClientKeyFile == ""):
 		return nil, errors.New("kubelet client certificate and key must be given together")
 	case cfg.InsecureSkipVerify && cfg.CAFile != "":
@@ -156,12 +129,10 @@ func NewKubeletClient(cfg KubeletConfig) (*KubeletClient, error) {
 		c.serverName = cfg.NodeName
 	}
 
-	if !cfg.Anonymous {
-		c.tokenFile = cfg.TokenFile
-		if c.tokenFile == "" && cfg.ClientCertFile == "" {
-			c.tokenFile = DefaultTokenFile
-		}
+	if !cfg.Anonymous && cfg.TokenFile == "" && cfg.ClientCertFile == "" {
+		return nil, errors.New("kubelet access needs a token file, a client certificate, or anonymous access")
 	}
+	c.tokenFile = cfg.TokenFile
 	if c.tokenFile != "" {
 		if _, err := readToken(c.tokenFile); err != nil {
 			return nil, err

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/csi-agent/csi-agent/attestor"
 )
@@ -36,9 +37,24 @@ func secureKubelet(t *testing.T, withIP bool) (k *kubeletStandIn, caFile, tokenF
 	return k, writeFile(t, dir, "ca.crt", ca.pem), writeFile(t, dir, "token", []byte("token-1\n"))
 }
 
+// testKubelet fills what internal/config would: the loopback host, the
+// secure port and a request timeout.
+func testKubelet(cfg KubeletConfig) KubeletConfig {
+	if cfg.Port == 0 && cfg.ReadOnlyPort == 0 {
+		cfg.Port = 10250
+	}
+	if cfg.Host == "" {
+		cfg.Host = "127.0.0.1"
+	}
+	if cfg.Timeout == 0 {
+		cfg.Timeout = 10 * time.Second
+	}
+	return cfg
+}
+
 func mustClient(t *testing.T, cfg KubeletConfig) *KubeletClient {
 	t.Helper()
-	c, err := NewKubeletClient(cfg)
+	c, err := NewKubeletClient(testKubelet(cfg))
 	if err != nil {
 		t.Fatalf("NewKubeletClient: %v", err)
 	}
@@ -160,7 +176,6 @@ func TestKubeletClientCARotation(t *testing.T) {
 func TestKubeletClientServerNameIsNodeName(t *testing.T) {
 	// The serving certificate names only the node, not 127.0.0.1.
 	k, caFile, tokenFile := secureKubelet(t, false)
-	t.Setenv(DefaultNodeNameEnv, "")
 
 	c := mustClient(t, KubeletConfig{NodeName: "node-a", Port: k.port(), CAFile: caFile, TokenFile: tokenFile})
 	if !strings.HasPrefix(c.URL(), "https://127.0.0.1:") {
@@ -175,19 +190,6 @@ func TestKubeletClientServerNameIsNodeName(t *testing.T) {
 		if !errors.Is(err, attestor.ErrUnavailable) || !errors.As(err, &hostErr) {
 			t.Fatalf("node name %q: err = %v, want Unavailable with a hostname mismatch", name, err)
 		}
-	}
-
-	// The node name from the environment, as the DaemonSet sets it.
-	t.Setenv(DefaultNodeNameEnv, "node-a")
-	c = mustClient(t, KubeletConfig{Port: k.port(), CAFile: caFile, TokenFile: tokenFile})
-	if c.NodeName() != "node-a" {
-		t.Fatalf("NodeName() = %q", c.NodeName())
-	}
-	listOK(t, c)
-	t.Setenv("CSI_AGENT_TEST_NODE", "node-a")
-	c = mustClient(t, KubeletConfig{NodeNameEnv: "CSI_AGENT_TEST_NODE", Port: k.port(), CAFile: caFile, TokenFile: tokenFile})
-	if c.NodeName() != "node-a" {
-		t.Fatalf("NodeName() from NodeNameEnv = %q", c.NodeName())
 	}
 }
 
@@ -322,7 +324,7 @@ func TestNewKubeletClientRejectsBadConfig(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			_, err := NewKubeletClient(tt.cfg)
+			_, err := NewKubeletClient(testKubelet(tt.cfg))
 			if err == nil || !strings.Contains(err.Error(), tt.want) {
 				t.Fatalf("err = %v, want one containing %q", err, tt.want)
 			}

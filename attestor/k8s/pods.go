@@ -3,6 +3,7 @@ package k8s
 import (
 	"encoding/json"
 	"fmt"
+	"github.com/csi-agent/csi-agent/attestor/field"
 	"strconv"
 	"strings"
 	"time"
@@ -10,29 +11,7 @@ import (
 	"github.com/csi-agent/csi-agent/attestor"
 )
 
-// Attribute fields set by this attestor (the contract with the rules).
-const (
-	FieldNamespace         = "kubernetes.namespace"
-	FieldServiceAccount    = "kubernetes.service_account"
-	FieldPodName           = "kubernetes.pod_name"
-	FieldPodUID            = "kubernetes.pod_uid"
-	FieldPodLabelPrefix    = "kubernetes.pod_label." // + label key, one field per label
-	FieldNodeName          = "kubernetes.node_name"
-	FieldPodOwnerKind      = "kubernetes.pod_owner_kind"
-	FieldPodOwnerName      = "kubernetes.pod_owner_name"
-	FieldPodOwnerUID       = "kubernetes.pod_owner_uid"
-	FieldContainerName     = "kubernetes.container_name"
-	FieldContainerID       = "kubernetes.container_id"
-	FieldContainerImage    = "kubernetes.container_image"
-	FieldContainerImageID  = "kubernetes.container_image_id"
-	FieldContainerType     = "kubernetes.container_type"
-	FieldPodImage          = "kubernetes.pod_image"
-	FieldPodImageCount     = "kubernetes.pod_image_count"
-	FieldPodInitImage      = "kubernetes.pod_init_image"
-	FieldPodInitImageCount = "kubernetes.pod_init_image_count"
-)
-
-// Values of FieldContainerType.
+// Values of field.K8sContainerType.
 const (
 	ContainerTypeContainer = "container"
 	ContainerTypeInit      = "init"
@@ -171,37 +150,37 @@ func (p *pod) serviceAccount() string { return p.Spec.ServiceAccountName }
 // podAttributes are the facts true of every process in the pod.
 func (p *pod) podAttributes(nodeName string) attestor.Attributes {
 	a := attestor.Attributes{}
-	a.Set(FieldNamespace, p.Metadata.Namespace)
-	a.Set(FieldPodName, p.Metadata.Name)
-	a.Set(FieldPodUID, p.Metadata.UID)
+	a.Set(field.K8sNamespace, p.Metadata.Namespace)
+	a.Set(field.K8sPodName, p.Metadata.Name)
+	a.Set(field.K8sPodUID, p.Metadata.UID)
 	if sa := p.serviceAccount(); sa != "" {
-		a.Set(FieldServiceAccount, sa)
+		a.Set(field.K8sServiceAccount, sa)
 	}
 	if p.Spec.NodeName != "" {
 		nodeName = p.Spec.NodeName
 	}
 	if nodeName != "" {
-		a.Set(FieldNodeName, nodeName)
+		a.Set(field.K8sNodeName, nodeName)
 	}
 	for k, v := range p.Metadata.Labels {
-		a.Set(FieldPodLabelPrefix+k, v)
+		a.Set(field.K8sPodLabelPrefix+k, v)
 	}
 	for _, o := range p.Metadata.OwnerReferences {
 		if o.Controller != nil && *o.Controller {
-			a.Set(FieldPodOwnerKind, o.Kind)
-			a.Set(FieldPodOwnerName, o.Name)
-			a.Set(FieldPodOwnerUID, o.UID)
+			a.Set(field.K8sPodOwnerKind, o.Kind)
+			a.Set(field.K8sPodOwnerName, o.Name)
+			a.Set(field.K8sPodOwnerUID, o.UID)
 			break
 		}
 	}
 	if images := podImages(p.Spec.Containers, p.Status.ContainerStatuses); len(images) > 0 {
-		a.Set(FieldPodImage, images...)
+		a.Set(field.K8sPodImage, images...)
 	}
-	a.Set(FieldPodImageCount, strconv.Itoa(len(p.Spec.Containers)))
+	a.Set(field.K8sPodImageCount, strconv.Itoa(len(p.Spec.Containers)))
 	if images := podImages(p.Spec.InitContainers, p.Status.InitContainerStatuses); len(images) > 0 {
-		a.Set(FieldPodInitImage, images...)
+		a.Set(field.K8sPodInitImage, images...)
 	}
-	a.Set(FieldPodInitImageCount, strconv.Itoa(len(p.Spec.InitContainers)))
+	a.Set(field.K8sPodInitImageCount, strconv.Itoa(len(p.Spec.InitContainers)))
 	return a
 }
 
@@ -228,13 +207,13 @@ func podImages(specs []specContainer, statuses []containerStatus) []string {
 }
 
 func addContainerAttributes(a attestor.Attributes, id string, m containerMatch) {
-	a.Set(FieldContainerID, id)
-	a.Set(FieldContainerName, m.name)
-	a.Set(FieldContainerType, m.kind)
+	a.Set(field.K8sContainerID, id)
+	a.Set(field.K8sContainerName, m.name)
+	a.Set(field.K8sContainerType, m.kind)
 	if m.image != "" {
-		a.Set(FieldContainerImage, m.image)
+		a.Set(field.K8sContainerImage, m.image)
 	}
 	if m.imageID != "" {
-		a.Set(FieldContainerImageID, m.imageID)
+		a.Set(field.K8sContainerImageID, m.imageID)
 	}
 }

@@ -1,6 +1,7 @@
 package k8s
 
 import (
+	"github.com/csi-agent/csi-agent/attestor/field"
 	"testing"
 )
 
@@ -53,7 +54,7 @@ func FuzzParsePodList(f *testing.F) {
 				t.Fatalf("pod indexed under %q has UID %q", uid, p.Metadata.UID)
 			}
 			a := p.podAttributes("node")
-			if got, _ := a.Get(FieldPodUID); got != uid {
+			if got, _ := a.Get(field.K8sPodUID); got != uid {
 				t.Fatalf("attributes carry pod UID %q, want %q", got, uid)
 			}
 			for _, s := range p.Status.ContainerStatuses {

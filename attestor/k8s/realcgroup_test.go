@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"encoding/hex"
 	"errors"
+	"github.com/csi-agent/csi-agent/attestor/field"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -204,10 +205,10 @@ func TestAttestRealProcessesInRealCgroups(t *testing.T) {
 			t.Fatal(err)
 		}
 		want := map[string]string{
-			FieldNamespace: "shop", FieldPodName: "web-7d9f", FieldPodUID: uidN(1), FieldServiceAccount: "web-sa",
-			FieldNodeName: "node-a", FieldContainerName: "app", FieldContainerID: cidN(13),
-			FieldContainerType: ContainerTypeContainer, FieldContainerImage: "docker.io/library/nginx:1.27",
-			FieldPodOwnerKind: "ReplicaSet", FieldPodLabelPrefix + "app": "web", FieldPodImageCount: "2",
+			field.K8sNamespace: "shop", field.K8sPodName: "web-7d9f", field.K8sPodUID: uidN(1), field.K8sServiceAccount: "web-sa",
+			field.K8sNodeName: "node-a", field.K8sContainerName: "app", field.K8sContainerID: cidN(13),
+			field.K8sContainerType: ContainerTypeContainer, field.K8sContainerImage: "docker.io/library/nginx:1.27",
+			field.K8sPodOwnerKind: "ReplicaSet", field.K8sPodLabelPrefix + "app": "web", field.K8sPodImageCount: "2",
 		}
 		for f, v := range want {
 			if got, _ := attrs.Get(f); got != v {
@@ -220,7 +221,7 @@ func TestAttestRealProcessesInRealCgroups(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if typ, _ := attrs.Get(FieldContainerType); typ != ContainerTypeSidecar {
+		if typ, _ := attrs.Get(field.K8sContainerType); typ != ContainerTypeSidecar {
 			t.Fatalf("container type %q, want sidecar", typ)
 		}
 	})
@@ -229,7 +230,7 @@ func TestAttestRealProcessesInRealCgroups(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if ns, _ := attrs.Get(FieldNamespace); ns != "bank" {
+		if ns, _ := attrs.Get(field.K8sNamespace); ns != "bank" {
 			t.Fatalf("namespace %q", ns)
 		}
 	})
@@ -252,10 +253,10 @@ func TestAttestRealProcessesInRealCgroups(t *testing.T) {
 		if err != nil {
 			t.Fatalf("no answer within 1s: %v", err)
 		}
-		if uid, _ := attrs.Get(FieldPodUID); uid != uidN(4) {
+		if uid, _ := attrs.Get(field.K8sPodUID); uid != uidN(4) {
 			t.Fatalf("pod UID %q", uid)
 		}
-		for _, f := range []string{FieldContainerID, FieldContainerName, FieldContainerType, FieldContainerImage} {
+		for _, f := range []string{field.K8sContainerID, field.K8sContainerName, field.K8sContainerType, field.K8sContainerImage} {
 			if _, ok := attrs[f]; ok {
 				t.Fatalf("%s present before the kubelet reported the container", f)
 			}
@@ -298,7 +299,7 @@ func TestAttestRealProcessesInRealCgroups(t *testing.T) {
 		if err != nil {
 			t.Fatalf("kubelet back: %v", err)
 		}
-		if name, _ := attrs.Get(FieldPodName); name != "late" {
+		if name, _ := attrs.Get(field.K8sPodName); name != "late" {
 			t.Fatalf("pod name %q", name)
 		}
 	})

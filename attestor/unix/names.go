@@ -126,13 +126,8 @@ func readFileLimited(path string, limit int64) ([]byte, error) {
 // Comments, NIS "+"/"-" entries and malformed lines are skipped.
 func parseIDNames(b []byte) map[uint32]string {
 	names := make(map[uint32]string)
-	for len(b) > 0 {
-		var line []byte
-		if i := bytes.IndexByte(b, '\n'); i >= 0 {
-			line, b = b[:i], b[i+1:]
-		} else {
-			line, b = b, nil
-		}
+	for line := range bytes.Lines(b) {
+		line = bytes.TrimSuffix(line, []byte{'\n'})
 		if len(line) == 0 || line[0] == '#' || line[0] == '+' || line[0] == '-' {
 			continue
 		}

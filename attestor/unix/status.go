@@ -25,13 +25,8 @@ func parseStatus(b []byte) (procStatus, error) {
 		seenState, seenUID, seenGID bool
 		seenGroups                  bool
 	)
-	for len(b) > 0 {
-		var line []byte
-		if i := bytes.IndexByte(b, '\n'); i >= 0 {
-			line, b = b[:i], b[i+1:]
-		} else {
-			line, b = b, nil
-		}
+	for line := range bytes.Lines(b) {
+		line = bytes.TrimSuffix(line, []byte{'\n'})
 		colon := bytes.IndexByte(line, ':')
 		if colon < 0 {
 			continue

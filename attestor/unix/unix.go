@@ -17,7 +17,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
+	"github.com/csi-agent/csi-agent/attestor/field"
 	"path/filepath"
 	"strconv"
 	"sync"
@@ -26,37 +26,21 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/csi-agent/csi-agent/attestor"
+	"github.com/csi-agent/csi-agent/internal/procfs"
 )
-
-// Field names this attestor sets.
-const (
-	FieldPID                = "unix.pid"
-	FieldUID                = "unix.uid"
-	FieldUser               = "unix.user"
-	FieldGID                = "unix.gid"
-	FieldGroup              = "unix.group"
-	FieldSupplementaryGID   = "unix.supplementary_gid"
-	FieldSupplementaryGroup = "unix.supplementary_group"
-	FieldPath               = "unix.path"
-	FieldSHA256             = "unix.sha256"
-)
-
-// DefaultMaxBinarySize is the MaxBinarySize used when none is set.
-const DefaultMaxBinarySize = 128 << 20
 
 // maxStatusSize bounds a status read; 64Ki supplementary groups fit well within.
 const maxStatusSize = 1 << 20
 
-// Options configure an Attestor.
+// Options configure an Attestor; internal/config owns their defaults.
 type Options struct {
-	// ProcRoot is the procfs to read, default "/proc". Security-sensitive:
+	// ProcRoot is the procfs to read (required). Security-sensitive:
 	// it must be the host's procfs as seen in the agent's PID namespace,
 	// the namespace the peer pids come from; any other tree attests
 	// whichever process happens to hold that pid there.
 	ProcRoot string
-	// PasswdFile and GroupFile name users and groups, default "/etc/passwd"
-	// and "/etc/group". Use the host's files (as mounted into the agent),
-	// not the agent image's.
+	// PasswdFile and GroupFile name users and groups (required). Use the
+	// host's files (as mounted into the agent), not the agent image's.
 	PasswdFile string
 	GroupFile  string
 	// WorkloadPath adds unix.path.
@@ -65,13 +49,13 @@ type Options struct {
 	// (once per binary version; results are cached).
 	WorkloadSHA256 bool
 	// MaxBinarySize: larger binaries get no unix.sha256 (logged once per
-	// binary). Zero or negative means DefaultMaxBinarySize.
+	// binary). Required with WorkloadSHA256.
 	MaxBinarySize int64
 }
 
 // Attestor attests processes by pid. It is safe for concurrent use.
 type Attestor struct {
-	procRoot   string
+	proc       *procfs.FS
 	withPath   bool
 	withSHA256 bool
 	maxBinary  int64
@@ -87,29 +71,31 @@ type Attestor struct {
 }
 
 // New returns an Attestor for opts.
-func New(opts Options) *Attestor {
+func New(opts Options) (*Attestor, error) {
+	switch {
+	case !filepath.IsAbs(opts.ProcRoot):
+		return nil, fmt.Errorf("unix attestor: proc root %q is not an absolute path", opts.ProcRoot)
+	case opts.PasswdFile == "":
+		return nil, errors.New("unix attestor: passwd file is required")
+	case opts.GroupFile == "":
+		return nil, errors.New("unix attestor: group file is required")
+	case opts.WorkloadSHA256 && opts.MaxBinarySize <= 0:
+		return nil, fmt.Errorf("unix attestor: max binary size %d is not positive", opts.MaxBinarySize)
+	}
+	proc, err := procfs.New(opts.ProcRoot)
+	if err != nil {
+		return nil, fmt.Errorf("unix attestor: %w", err)
+	}
 	a := &Attestor{
-		procRoot:   "/proc",
+		proc:       proc,
 		withPath:   opts.WorkloadPath,
 		withSHA256: opts.WorkloadSHA256,
 		maxBinary:  opts.MaxBinarySize,
-		users:      nameFile{path: "/etc/passwd"},
-		groups:     nameFile{path: "/etc/group"},
-	}
-	if opts.ProcRoot != "" {
-		a.procRoot = filepath.Clean(opts.ProcRoot)
-	}
-	if opts.PasswdFile != "" {
-		a.users.path = opts.PasswdFile
-	}
-	if opts.GroupFile != "" {
-		a.groups.path = opts.GroupFile
-	}
-	if a.maxBinary <= 0 {
-		a.maxBinary = DefaultMaxBinarySize
+		users:      nameFile{path: opts.PasswdFile},
+		groups:     nameFile{path: opts.GroupFile},
 	}
 	a.bufs.New = func() any { b := make([]byte, 4096); return &b }
-	return a
+	return a, nil
 }
 
 // Attest returns the unix.* attributes of process pid. A process that is gone
@@ -124,9 +110,8 @@ func (a *Attestor) Attest(ctx context.Context, pid int32) (attestor.Attributes, 
 		return nil, err
 	}
 	pidStr := strconv.FormatInt(int64(pid), 10)
-	dir := a.procRoot + "/" + pidStr
 
-	st, err := a.readStatus(dir)
+	st, err := a.readStatus(pid)
 	if err != nil {
 		return nil, fmt.Errorf("unix attestor: pid %d: %w", pid, err)
 	}
@@ -138,14 +123,14 @@ func (a *Attestor) Attest(ctx context.Context, pid int32) (attestor.Attributes, 
 	groups := a.groups.snapshot()
 
 	attrs := make(attestor.Attributes, 9)
-	attrs.Set(FieldPID, pidStr)
-	attrs.Set(FieldUID, strconv.FormatUint(uint64(st.uid), 10))
+	attrs.Set(field.UnixPID, pidStr)
+	attrs.Set(field.UnixUID, strconv.FormatUint(uint64(st.uid), 10))
 	if name, ok := users[st.uid]; ok {
-		attrs.Set(FieldUser, name)
+		attrs.Set(field.UnixUser, name)
 	}
-	attrs.Set(FieldGID, strconv.FormatUint(uint64(st.gid), 10))
+	attrs.Set(field.UnixGID, strconv.FormatUint(uint64(st.gid), 10))
 	if name, ok := groups[st.gid]; ok {
-		attrs.Set(FieldGroup, name)
+		attrs.Set(field.UnixGroup, name)
 	}
 	if len(st.groups) > 0 {
 		gids := make([]string, 0, len(st.groups))
@@ -156,26 +141,26 @@ func (a *Attestor) Attest(ctx context.Context, pid int32) (attestor.Attributes, 
 				names = append(names, name)
 			}
 		}
-		attrs[FieldSupplementaryGID] = gids
+		attrs[field.UnixSupplementaryGID] = gids
 		if len(names) > 0 {
-			attrs[FieldSupplementaryGroup] = names
+			attrs[field.UnixSupplementaryGroup] = names
 		}
 	}
 
 	if a.withPath {
-		path, err := os.Readlink(dir + "/exe")
+		path, err := a.proc.Readlink(pid, "exe")
 		if err != nil {
 			return nil, fmt.Errorf("unix attestor: pid %d: binary path: %w", pid, goneOr(err))
 		}
-		attrs.Set(FieldPath, path)
+		attrs.Set(field.UnixPath, path)
 	}
 	if a.withSHA256 {
-		sum, err := a.binarySHA256(ctx, dir)
+		sum, err := a.binarySHA256(ctx, pid)
 		if err != nil {
 			return nil, fmt.Errorf("unix attestor: pid %d: binary sha256: %w", pid, err)
 		}
 		if sum != "" {
-			attrs.Set(FieldSHA256, sum)
+			attrs.Set(field.UnixSHA256, sum)
 		}
 	}
 	return attrs, nil
@@ -183,56 +168,32 @@ func (a *Attestor) Attest(ctx context.Context, pid int32) (attestor.Attributes, 
 
 // goneOr maps "no such process" errors to attestor.ErrDenied.
 func goneOr(err error) error {
-	if errors.Is(err, sysunix.ENOENT) || errors.Is(err, sysunix.ESRCH) {
-		return fmt.Errorf("process is gone (%v): %w", err, attestor.ErrDenied)
+	if errors.Is(err, procfs.ErrGone) {
+		return fmt.Errorf("%w: %w", err, attestor.ErrDenied)
 	}
 	return err
 }
 
-func (a *Attestor) readStatus(dir string) (procStatus, error) {
-	fd, err := sysunix.Open(dir+"/status", sysunix.O_RDONLY|sysunix.O_CLOEXEC, 0)
-	if err != nil {
-		return procStatus{}, fmt.Errorf("open status: %w", goneOr(err))
-	}
-	defer sysunix.Close(fd)
-
+func (a *Attestor) readStatus(pid int32) (procStatus, error) {
 	bp := a.bufs.Get().(*[]byte)
 	defer a.bufs.Put(bp)
-	buf := (*bp)[:cap(*bp)]
-	n := 0
-	for {
-		if n == len(buf) {
-			if len(buf) >= maxStatusSize {
-				return procStatus{}, fmt.Errorf("status larger than %d bytes", maxStatusSize)
-			}
-			grown := make([]byte, 2*len(buf))
-			copy(grown, buf[:n])
-			buf = grown
-			*bp = buf
-		}
-		m, err := sysunix.Read(fd, buf[n:])
-		if err == sysunix.EINTR {
-			continue
-		}
-		if err != nil {
-			// ESRCH: the process exited between open and read.
-			return procStatus{}, fmt.Errorf("read status: %w", goneOr(err))
-		}
-		if m == 0 {
-			break
-		}
-		n += m
+	b, err := a.proc.ReadFile(pid, "status", *bp, maxStatusSize)
+	if err != nil {
+		return procStatus{}, goneOr(err)
 	}
-	return parseStatus(buf[:n])
+	if cap(b) > cap(*bp) {
+		*bp = b
+	}
+	return parseStatus(b)
 }
 
 // binarySHA256 returns the hex SHA-256 of the process's binary, or "" when
 // it is over the size limit. It opens /proc/<pid>/exe, which reaches the
 // exact file that was executed whatever the workload's mount namespace.
-func (a *Attestor) binarySHA256(ctx context.Context, dir string) (string, error) {
-	fd, err := sysunix.Open(dir+"/exe", sysunix.O_RDONLY|sysunix.O_CLOEXEC, 0)
+func (a *Attestor) binarySHA256(ctx context.Context, pid int32) (string, error) {
+	fd, err := a.proc.Open(pid, "exe")
 	if err != nil {
-		return "", fmt.Errorf("open binary: %w", goneOr(err))
+		return "", goneOr(err)
 	}
 	defer sysunix.Close(fd)
 	var st sysunix.Stat_t
@@ -244,20 +205,20 @@ func (a *Attestor) binarySHA256(ctx context.Context, dir string) (string, error)
 	}
 	key := keyOf(&st)
 	if key.size > a.maxBinary {
-		a.logTooLarge(key, dir)
+		a.logTooLarge(key, pid)
 		return "", nil
 	}
 	sum, err := a.digests.get(ctx, key, func() (string, error) {
 		return hashFile(ctx, fd, key, a.maxBinary)
 	})
 	if errors.Is(err, errTooLarge) {
-		a.logTooLarge(key, dir)
+		a.logTooLarge(key, pid)
 		return "", nil
 	}
 	return sum, err
 }
 
-func (a *Attestor) logTooLarge(key fileKey, dir string) {
+func (a *Attestor) logTooLarge(key fileKey, pid int32) {
 	a.tooLargeMu.Lock()
 	_, seen := a.tooLargeLogged[key]
 	if !seen {
@@ -269,6 +230,6 @@ func (a *Attestor) logTooLarge(key fileKey, dir string) {
 	a.tooLargeMu.Unlock()
 	if !seen {
 		klog.InfoS("Workload binary over the size limit; unix.sha256 left out",
-			"exe", dir+"/exe", "size", key.size, "limit", a.maxBinary)
+			"exe", a.proc.Path(pid, "exe"), "size", key.size, "limit", a.maxBinary)
 	}
 }

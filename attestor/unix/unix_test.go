@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"github.com/csi-agent/csi-agent/attestor/field"
 	"os"
 	"os/exec"
 	"os/user"
@@ -25,15 +26,15 @@ import (
 func itoa[T ~int | ~uint32 | ~int32](v T) string { return strconv.FormatInt(int64(v), 10) }
 
 func TestAttestSelf(t *testing.T) {
-	a := New(Options{})
+	a := newTest(t, Options{})
 	attrs, err := a.Attest(context.Background(), int32(os.Getpid()))
 	if err != nil {
 		t.Fatal(err)
 	}
 	want := map[string]string{
-		FieldPID: itoa(os.Getpid()),
-		FieldUID: itoa(os.Geteuid()),
-		FieldGID: itoa(os.Getegid()),
+		field.UnixPID: itoa(os.Getpid()),
+		field.UnixUID: itoa(os.Geteuid()),
+		field.UnixGID: itoa(os.Getegid()),
 	}
 	for f, v := range want {
 		if got, _ := attrs.Get(f); got != v {
@@ -48,21 +49,21 @@ func TestAttestSelf(t *testing.T) {
 	for _, g := range groups {
 		wantGroups = append(wantGroups, itoa(g))
 	}
-	if got := attrs[FieldSupplementaryGID]; !reflect.DeepEqual(got, wantGroups) {
-		t.Errorf("%s = %v, want %v", FieldSupplementaryGID, got, wantGroups)
+	if got := attrs[field.UnixSupplementaryGID]; !reflect.DeepEqual(got, wantGroups) {
+		t.Errorf("%s = %v, want %v", field.UnixSupplementaryGID, got, wantGroups)
 	}
 	// Names against the standard library's independent lookup.
 	if u, err := user.LookupId(itoa(os.Geteuid())); err == nil {
-		if got, _ := attrs.Get(FieldUser); got != u.Username {
-			t.Errorf("%s = %q, want %q", FieldUser, got, u.Username)
+		if got, _ := attrs.Get(field.UnixUser); got != u.Username {
+			t.Errorf("%s = %q, want %q", field.UnixUser, got, u.Username)
 		}
 	}
 	if g, err := user.LookupGroupId(itoa(os.Getegid())); err == nil {
-		if got, _ := attrs.Get(FieldGroup); got != g.Name {
-			t.Errorf("%s = %q, want %q", FieldGroup, got, g.Name)
+		if got, _ := attrs.Get(field.UnixGroup); got != g.Name {
+			t.Errorf("%s = %q, want %q", field.UnixGroup, got, g.Name)
 		}
 	}
-	for _, f := range []string{FieldPath, FieldSHA256} {
+	for _, f := range []string{field.UnixPath, field.UnixSHA256} {
 		if attrs.Has(f, "") || len(attrs[f]) > 0 {
 			t.Errorf("%s present without opting in: %v", f, attrs[f])
 		}
@@ -122,14 +123,14 @@ func TestAttestOtherUser(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			cmd := startProcess(t, &syscall.Credential{Uid: 65534, Gid: 65534, Groups: tt.groups}, sleepBinary(t), "60")
-			attrs, err := New(Options{}).Attest(context.Background(), int32(cmd.Process.Pid))
+			attrs, err := newTest(t, Options{}).Attest(context.Background(), int32(cmd.Process.Pid))
 			if err != nil {
 				t.Fatal(err)
 			}
-			if got, _ := attrs.Get(FieldUID); got != "65534" {
+			if got, _ := attrs.Get(field.UnixUID); got != "65534" {
 				t.Errorf("uid = %q (all: %v)", got, attrs)
 			}
-			if got, _ := attrs.Get(FieldGID); got != "65534" {
+			if got, _ := attrs.Get(field.UnixGID); got != "65534" {
 				t.Errorf("gid = %q (all: %v)", got, attrs)
 			}
 			var wantGIDs, wantNames []string
@@ -139,18 +140,18 @@ func TestAttestOtherUser(t *testing.T) {
 					wantNames = append(wantNames, grp.Name)
 				}
 			}
-			if got := attrs[FieldSupplementaryGID]; !reflect.DeepEqual(got, wantGIDs) {
+			if got := attrs[field.UnixSupplementaryGID]; !reflect.DeepEqual(got, wantGIDs) {
 				t.Errorf("supplementary gids = %v, want %v", got, wantGIDs)
 			}
-			if got := attrs[FieldSupplementaryGroup]; !reflect.DeepEqual(got, wantNames) {
+			if got := attrs[field.UnixSupplementaryGroup]; !reflect.DeepEqual(got, wantNames) {
 				t.Errorf("supplementary groups = %v, want %v", got, wantNames)
 			}
 			if u, err := user.LookupId("65534"); err == nil {
-				if got, _ := attrs.Get(FieldUser); got != u.Username {
+				if got, _ := attrs.Get(field.UnixUser); got != u.Username {
 					t.Errorf("user = %q, want %q", got, u.Username)
 				}
-			} else if attrs[FieldUser] != nil {
-				t.Errorf("user = %v for an unknown uid", attrs[FieldUser])
+			} else if attrs[field.UnixUser] != nil {
+				t.Errorf("user = %v for an unknown uid", attrs[field.UnixUser])
 			}
 		})
 	}
@@ -207,14 +208,14 @@ func TestAttestBinary(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			a := New(tt.opts)
+			a := newTest(t, tt.opts)
 			for i := 0; i < 2; i++ { // the second round may come from the cache
 				attrs, err := a.Attest(context.Background(), pid)
 				if err != nil {
 					t.Fatal(err)
 				}
-				checkField(t, attrs, FieldPath, bin, tt.wantPath)
-				checkField(t, attrs, FieldSHA256, want, tt.wantSum)
+				checkField(t, attrs, field.UnixPath, bin, tt.wantPath)
+				checkField(t, attrs, field.UnixSHA256, want, tt.wantSum)
 			}
 		})
 	}
@@ -228,11 +229,11 @@ func TestAttestBinary(t *testing.T) {
 	if want2 == want {
 		t.Fatal("test binary did not change")
 	}
-	attrs, err := New(Options{WorkloadSHA256: true}).Attest(context.Background(), int32(cmd2.Process.Pid))
+	attrs, err := newTest(t, Options{WorkloadSHA256: true}).Attest(context.Background(), int32(cmd2.Process.Pid))
 	if err != nil {
 		t.Fatal(err)
 	}
-	checkField(t, attrs, FieldSHA256, want2, true)
+	checkField(t, attrs, field.UnixSHA256, want2, true)
 }
 
 func TestAttestDeletedBinary(t *testing.T) {
@@ -244,13 +245,13 @@ func TestAttestDeletedBinary(t *testing.T) {
 	if err := os.Remove(bin); err != nil {
 		t.Fatal(err)
 	}
-	attrs, err := New(Options{WorkloadPath: true, WorkloadSHA256: true}).Attest(context.Background(), int32(cmd.Process.Pid))
+	attrs, err := newTest(t, Options{WorkloadPath: true, WorkloadSHA256: true}).Attest(context.Background(), int32(cmd.Process.Pid))
 	if err != nil {
 		t.Fatal(err)
 	}
 	// The digest is of what runs, found through /proc/<pid>/exe.
-	checkField(t, attrs, FieldSHA256, want, true)
-	if p, _ := attrs.Get(FieldPath); !strings.HasSuffix(p, " (deleted)") {
+	checkField(t, attrs, field.UnixSHA256, want, true)
+	if p, _ := attrs.Get(field.UnixPath); !strings.HasSuffix(p, " (deleted)") {
 		t.Errorf("path = %q, want the kernel's deleted marker", p)
 	}
 }
@@ -267,7 +268,7 @@ func checkField(t *testing.T, attrs attestor.Attributes, field, want string, pre
 }
 
 func TestAttestGoneProcess(t *testing.T) {
-	a := New(Options{WorkloadPath: true, WorkloadSHA256: true})
+	a := newTest(t, Options{WorkloadPath: true, WorkloadSHA256: true})
 
 	t.Run("reaped", func(t *testing.T) {
 		cmd := exec.Command(sleepBinary(t), "0")
@@ -372,28 +373,28 @@ func TestAttestFakeProcRoot(t *testing.T) {
 		{
 			name: "known user and groups", pid: 100,
 			want: attestor.Attributes{
-				FieldPID: {"100"}, FieldUID: {"1000"}, FieldUser: {"alice"}, FieldGID: {"1000"}, FieldGroup: {"alice"},
-				FieldSupplementaryGID: {"44", "2000"}, FieldSupplementaryGroup: {"video"},
+				field.UnixPID: {"100"}, field.UnixUID: {"1000"}, field.UnixUser: {"alice"}, field.UnixGID: {"1000"}, field.UnixGroup: {"alice"},
+				field.UnixSupplementaryGID: {"44", "2000"}, field.UnixSupplementaryGroup: {"video"},
 			},
 		},
 		{
 			name: "path and sha256", pid: 100, opts: Options{WorkloadPath: true, WorkloadSHA256: true},
 			want: attestor.Attributes{
-				FieldPID: {"100"}, FieldUID: {"1000"}, FieldUser: {"alice"}, FieldGID: {"1000"}, FieldGroup: {"alice"},
-				FieldSupplementaryGID: {"44", "2000"}, FieldSupplementaryGroup: {"video"},
-				FieldPath: {bin}, FieldSHA256: {binSum},
+				field.UnixPID: {"100"}, field.UnixUID: {"1000"}, field.UnixUser: {"alice"}, field.UnixGID: {"1000"}, field.UnixGroup: {"alice"},
+				field.UnixSupplementaryGID: {"44", "2000"}, field.UnixSupplementaryGroup: {"video"},
+				field.UnixPath: {bin}, field.UnixSHA256: {binSum},
 			},
 		},
 		{
 			name: "sha256 over the limit", pid: 100, opts: Options{WorkloadSHA256: true, MaxBinarySize: 3},
 			want: attestor.Attributes{
-				FieldPID: {"100"}, FieldUID: {"1000"}, FieldUser: {"alice"}, FieldGID: {"1000"}, FieldGroup: {"alice"},
-				FieldSupplementaryGID: {"44", "2000"}, FieldSupplementaryGroup: {"video"},
+				field.UnixPID: {"100"}, field.UnixUID: {"1000"}, field.UnixUser: {"alice"}, field.UnixGID: {"1000"}, field.UnixGroup: {"alice"},
+				field.UnixSupplementaryGID: {"44", "2000"}, field.UnixSupplementaryGroup: {"video"},
 			},
 		},
 		{
 			name: "unknown user and group", pid: 101,
-			want: attestor.Attributes{FieldPID: {"101"}, FieldUID: {"3000"}, FieldGID: {"3000"}},
+			want: attestor.Attributes{field.UnixPID: {"101"}, field.UnixUID: {"3000"}, field.UnixGID: {"3000"}},
 		},
 		{name: "zombie", pid: 102, wantDeny: true},
 		{name: "no such pid", pid: 999, wantDeny: true},
@@ -406,7 +407,7 @@ func TestAttestFakeProcRoot(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			opts := tt.opts
 			opts.ProcRoot, opts.PasswdFile, opts.GroupFile = root, passwd, group
-			got, err := New(opts).Attest(context.Background(), tt.pid)
+			got, err := newTest(t, opts).Attest(context.Background(), tt.pid)
 			switch {
 			case tt.wantDeny:
 				if !errors.Is(err, attestor.ErrDenied) {
@@ -428,11 +429,11 @@ func TestAttestFakeProcRoot(t *testing.T) {
 func TestAttestMissingNameFiles(t *testing.T) {
 	root := fakeProc(t, map[int32]fakeProcess{7: {status: status("S", "0", "0", "0")}})
 	missing := filepath.Join(t.TempDir(), "none")
-	got, err := New(Options{ProcRoot: root, PasswdFile: missing, GroupFile: missing}).Attest(context.Background(), 7)
+	got, err := newTest(t, Options{ProcRoot: root, PasswdFile: missing, GroupFile: missing}).Attest(context.Background(), 7)
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := attestor.Attributes{FieldPID: {"7"}, FieldUID: {"0"}, FieldGID: {"0"}, FieldSupplementaryGID: {"0"}}
+	want := attestor.Attributes{field.UnixPID: {"7"}, field.UnixUID: {"0"}, field.UnixGID: {"0"}, field.UnixSupplementaryGID: {"0"}}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("Attest = %v, want %v", got, want)
 	}
@@ -441,7 +442,7 @@ func TestAttestMissingNameFiles(t *testing.T) {
 func TestAttestCanceledContext(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	if _, err := New(Options{}).Attest(ctx, int32(os.Getpid())); !errors.Is(err, context.Canceled) {
+	if _, err := newTest(t, Options{}).Attest(ctx, int32(os.Getpid())); !errors.Is(err, context.Canceled) {
 		t.Fatalf("Attest = %v, want context.Canceled", err)
 	}
 }
@@ -539,7 +540,7 @@ func TestDigestCache(t *testing.T) {
 func BenchmarkAttest(b *testing.B) {
 	ctx := context.Background()
 	b.Run("self", func(b *testing.B) {
-		a := New(Options{})
+		a := newTest(b, Options{})
 		pid := int32(os.Getpid())
 		b.ReportAllocs()
 		for b.Loop() {
@@ -551,7 +552,7 @@ func BenchmarkAttest(b *testing.B) {
 	// The binary of a settled file, so the digest comes from the cache.
 	b.Run("path+sha256-cached", func(b *testing.B) {
 		cmd := startProcess(b, nil, sleepBinary(b), "600")
-		a := New(Options{WorkloadPath: true, WorkloadSHA256: true})
+		a := newTest(b, Options{WorkloadPath: true, WorkloadSHA256: true})
 		pid := int32(cmd.Process.Pid)
 		if _, err := a.Attest(ctx, pid); err != nil {
 			b.Fatal(err)
@@ -568,9 +569,51 @@ func BenchmarkAttest(b *testing.B) {
 		pid := int32(cmd.Process.Pid)
 		b.ReportAllocs()
 		for b.Loop() {
-			if _, err := New(Options{WorkloadSHA256: true}).Attest(ctx, pid); err != nil {
+			if _, err := newTest(b, Options{WorkloadSHA256: true}).Attest(ctx, pid); err != nil {
 				b.Fatal(err)
 			}
 		}
 	})
+}
+
+// newTest fills what internal/config would and fails the test on an error.
+func newTest(tb testing.TB, opts Options) *Attestor {
+	tb.Helper()
+	if opts.ProcRoot == "" {
+		opts.ProcRoot = "/proc"
+	}
+	if opts.PasswdFile == "" {
+		opts.PasswdFile = "/etc/passwd"
+	}
+	if opts.GroupFile == "" {
+		opts.GroupFile = "/etc/group"
+	}
+	if opts.MaxBinarySize == 0 {
+		opts.MaxBinarySize = 128 << 20
+	}
+	a, err := New(opts)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return a
+}
+
+func TestNewRejectsImpossibleOptions(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		opts Options
+		want string
+	}{
+		{"no proc root", Options{PasswdFile: "/etc/passwd", GroupFile: "/etc/group"}, "proc root"},
+		{"relative proc root", Options{ProcRoot: "proc", PasswdFile: "/etc/passwd", GroupFile: "/etc/group"}, "proc root"},
+		{"no passwd file", Options{ProcRoot: "/proc", GroupFile: "/etc/group"}, "passwd"},
+		{"no group file", Options{ProcRoot: "/proc", PasswdFile: "/etc/passwd"}, "group"},
+		{"sha256 without size bound", Options{ProcRoot: "/proc", PasswdFile: "/etc/passwd", GroupFile: "/etc/group", WorkloadSHA256: true}, "binary size"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if _, err := New(tc.opts); err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("New: %v, want an error about %s", err, tc.want)
+			}
+		})
+	}
 }

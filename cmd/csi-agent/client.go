@@ -45,7 +45,7 @@ func (c *clientFlags) addr() string {
 	case c.socket != "":
 		return "unix://" + c.socket
 	case c.dev:
-		return "unix://" + config.DevSocketPath()
+		return "unix://" + config.DevSocketPath(os.Getenv)
 	case os.Getenv("SPIFFE_ENDPOINT_SOCKET") != "":
 		return os.Getenv("SPIFFE_ENDPOINT_SOCKET")
 	}

@@ -14,7 +14,6 @@ import (
 
 	"k8s.io/klog/v2"
 
-	"github.com/csi-agent/csi-agent/internal/agent"
 	"github.com/csi-agent/csi-agent/internal/config"
 )
 
@@ -77,20 +76,20 @@ func runAgent(ctx context.Context, args []string, stderr io.Writer) error {
 		return err
 	}
 	defer klog.Flush()
-	opts := agent.Options{
-		Version: version,
-		Reload: func() (config.Config, error) {
+	opts := agentOptions{
+		version: version,
+		reload: func() (config.Config, error) {
 			// Re-reading with the same arguments keeps flag overrides on top.
 			return config.FromArgs(args, os.Getenv, io.Discard, registerKlogNames)
 		},
 	}
 	if cfg.Dev {
 		sock := cfg.WorkloadAPI.SocketPath()
-		opts.Started = func() {
+		opts.started = func() {
 			fmt.Fprintf(stderr, "\ncsi-agent is serving the Workload API (dev mode).\nIn another shell:\n  go run ./cmd/csi-agent fetch x509 --dev\nor, for any go-spiffe client:\n  export SPIFFE_ENDPOINT_SOCKET=unix://%s\n\n", sock)
 		}
 	}
-	return agent.Run(ctx, cfg, opts)
+	return runAgentConfig(ctx, cfg, opts)
 }
 
 // registerKlogNames accepts klog's flags on reload without re-initialising

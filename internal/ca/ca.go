@@ -43,10 +43,7 @@ import (
 )
 
 const (
-	defaultX509SVIDTTL     = time.Hour
-	defaultJWTSVIDTTL      = 5 * time.Minute
-	defaultIntermediateTTL = 24 * time.Hour
-	minIntermediateTTL     = time.Minute
+	minIntermediateTTL = time.Minute
 
 	// rootTTL is the lifetime of a self-managed root. A new root is made once
 	// rootRotateFraction of its life has passed; the old one stays in the
@@ -82,9 +79,11 @@ type Options struct {
 	UpstreamCertFile string
 	UpstreamKeyFile  string
 
-	X509SVIDTTL     time.Duration // default 1h
-	JWTSVIDTTL      time.Duration // default 5m
-	IntermediateTTL time.Duration // default 24h; rotated at half life
+	// Lifetimes (required; internal/config owns the defaults). The
+	// intermediate is rotated at half life.
+	X509SVIDTTL     time.Duration
+	JWTSVIDTTL      time.Duration
+	IntermediateTTL time.Duration
 
 	Clock clock.Clock // nil means the real clock
 }
@@ -142,18 +141,14 @@ func New(ctx context.Context, opts Options) (*Authority, error) {
 	}
 	for _, d := range []struct {
 		name string
-		v    *time.Duration
-		def  time.Duration
+		v    time.Duration
 	}{
-		{"X.509-SVID TTL", &a.x509TTL, defaultX509SVIDTTL},
-		{"JWT-SVID TTL", &a.jwtTTL, defaultJWTSVIDTTL},
-		{"intermediate TTL", &a.interTTL, defaultIntermediateTTL},
+		{"X.509-SVID TTL", a.x509TTL},
+		{"JWT-SVID TTL", a.jwtTTL},
+		{"intermediate TTL", a.interTTL},
 	} {
-		switch {
-		case *d.v < 0:
-			return nil, fmt.Errorf("ca: %s must not be negative, got %s", d.name, *d.v)
-		case *d.v == 0:
-			*d.v = d.def
+		if d.v <= 0 {
+			return nil, fmt.Errorf("ca: %s must be positive, got %s", d.name, d.v)
 		}
 	}
 	if a.interTTL < minIntermediateTTL {

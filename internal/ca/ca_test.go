@@ -330,20 +330,21 @@ func TestOptionsValidation(t *testing.T) {
 		{"no state dir", Options{TrustDomain: testTD}, "state directory is required"},
 		{"only upstream cert", Options{TrustDomain: testTD, UpstreamCertFile: "/x.crt"}, "both a certificate file and a key file"},
 		{"only upstream key", Options{TrustDomain: testTD, UpstreamKeyFile: "/x.key"}, "both a certificate file and a key file"},
-		{"negative TTL", Options{TrustDomain: testTD, StateDir: dir, X509SVIDTTL: -time.Second}, "must not be negative"},
+		{"negative TTL", Options{TrustDomain: testTD, StateDir: dir, X509SVIDTTL: -time.Second}, "must be positive"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			_, err := New(context.Background(), tt.opts)
+			_, err := newCA(context.Background(), tt.opts)
 			if err == nil || !strings.Contains(err.Error(), tt.want) {
 				t.Fatalf("New = %v, want error containing %q", err, tt.want)
 			}
 		})
 	}
-	t.Run("defaults", func(t *testing.T) {
-		a := newSelfManaged(t, t.TempDir(), newFakeClock(), nil)
-		if a.X509SVIDTTL() != time.Hour || a.JWTSVIDTTL() != 5*time.Minute || a.interTTL != 24*time.Hour {
-			t.Errorf("defaults: x509 %s jwt %s intermediate %s", a.X509SVIDTTL(), a.JWTSVIDTTL(), a.interTTL)
+	t.Run("no defaults", func(t *testing.T) {
+		// internal/config owns the defaults; a zero lifetime is a caller's bug.
+		_, err := New(context.Background(), Options{TrustDomain: testTD, StateDir: dir, X509SVIDTTL: time.Hour, JWTSVIDTTL: time.Minute})
+		if err == nil || !strings.Contains(err.Error(), "intermediate TTL must be positive") {
+			t.Fatalf("New with no intermediate TTL = %v", err)
 		}
 	})
 }

@@ -41,7 +41,7 @@ func newSelfManaged(t testing.TB, dir string, fc *clocktesting.FakeClock, mod fu
 	if mod != nil {
 		mod(&opts)
 	}
-	a, err := New(context.Background(), opts)
+	a, err := newCA(context.Background(), opts)
 	if err != nil {
 		t.Fatalf("New: %v", err)
 	}
@@ -209,11 +209,28 @@ func writeFile(t testing.TB, path string, data []byte) {
 
 func newUpstream(t testing.TB, u upstreamCA, fc *clocktesting.FakeClock) *Authority {
 	t.Helper()
-	a, err := New(context.Background(), Options{
+	a, err := newCA(context.Background(), Options{
 		TrustDomain: testTD, UpstreamCertFile: u.certFile, UpstreamKeyFile: u.keyFile, Clock: fc,
 	})
 	if err != nil {
 		t.Fatalf("New (upstream): %v", err)
 	}
 	return a
+}
+
+// newCA fills the lifetimes internal/config would, then calls New.
+func newCA(ctx context.Context, opts Options) (*Authority, error) {
+	for _, d := range []struct {
+		v   *time.Duration
+		def time.Duration
+	}{
+		{&opts.X509SVIDTTL, time.Hour},
+		{&opts.JWTSVIDTTL, 5 * time.Minute},
+		{&opts.IntermediateTTL, 24 * time.Hour},
+	} {
+		if *d.v == 0 {
+			*d.v = d.def
+		}
+	}
+	return New(ctx, opts)
 }

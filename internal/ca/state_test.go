@@ -69,7 +69,7 @@ func TestStatePermissions(t *testing.T) {
 	if err := os.Chmod(path, 0o640); err != nil {
 		t.Fatal(err)
 	}
-	_, err = New(context.Background(), Options{TrustDomain: testTD, StateDir: dir, Clock: newFakeClock()})
+	_, err = newCA(context.Background(), Options{TrustDomain: testTD, StateDir: dir, Clock: newFakeClock()})
 	if err == nil || !strings.Contains(err.Error(), path) || !strings.Contains(err.Error(), "0640") {
 		t.Fatalf("New with a group-readable key file = %v, want an error naming %s and its mode", err, path)
 	}
@@ -90,7 +90,7 @@ func TestCorruptedState(t *testing.T) {
 	otherDER, _ := x509.MarshalPKCS8PrivateKey(otherKey)
 
 	otherTDDir := t.TempDir()
-	if _, err := New(context.Background(), Options{TrustDomain: spiffeid.RequireTrustDomainFromString("other.org"), StateDir: otherTDDir, Clock: fc}); err != nil {
+	if _, err := newCA(context.Background(), Options{TrustDomain: spiffeid.RequireTrustDomainFromString("other.org"), StateDir: otherTDDir, Clock: fc}); err != nil {
 		t.Fatal(err)
 	}
 	otherTD, _ := os.ReadFile(filepath.Join(otherTDDir, StateFile))
@@ -125,7 +125,7 @@ func TestCorruptedState(t *testing.T) {
 			if err := os.WriteFile(path, tt.data, 0o600); err != nil {
 				t.Fatal(err)
 			}
-			_, err := New(context.Background(), Options{TrustDomain: testTD, StateDir: dir, Clock: fc})
+			_, err := newCA(context.Background(), Options{TrustDomain: testTD, StateDir: dir, Clock: fc})
 			if err == nil {
 				t.Fatal("New accepted a damaged state file")
 			}
@@ -194,7 +194,7 @@ func flipInBlock(t *testing.T, data []byte, i int, flip func([]byte, int) []byte
 // accepts must be internally consistent.
 func FuzzParseState(f *testing.F) {
 	dir := f.TempDir()
-	a, err := New(context.Background(), Options{TrustDomain: testTD, StateDir: dir, Clock: newFakeClock()})
+	a, err := newCA(context.Background(), Options{TrustDomain: testTD, StateDir: dir, Clock: newFakeClock()})
 	if err != nil {
 		f.Fatal(err)
 	}

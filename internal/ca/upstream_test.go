@@ -144,7 +144,7 @@ func TestUpstreamErrors(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			_, err := New(context.Background(), Options{TrustDomain: testTD, UpstreamCertFile: tt.certFile, UpstreamKeyFile: tt.keyFile, Clock: fc})
+			_, err := newCA(context.Background(), Options{TrustDomain: testTD, UpstreamCertFile: tt.certFile, UpstreamKeyFile: tt.keyFile, Clock: fc})
 			if err == nil {
 				t.Fatal("New accepted a bad upstream CA")
 			}

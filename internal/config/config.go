@@ -4,9 +4,11 @@
 package config
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -35,6 +37,9 @@ const (
 	DefaultJWTSVIDTTL     = 5 * time.Minute
 	DefaultNodeNameEnv    = "MY_NODE_NAME"
 	DefaultTokenFile      = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+
+	MaxX509SVIDTTL = DefaultIntermediateTTL / 2
+	MaxJWTSVIDTTL  = 24 * time.Hour
 )
 
 // Config is the whole agent configuration.
@@ -159,10 +164,10 @@ func Default() Config {
 		Kubernetes: Kubernetes{
 			CrossCheck:  "enforce",
 			Kubelet:     Kubelet{Port: DefaultKubeletPort, TokenFile: DefaultTokenFile},
-			RetryBudget: Duration(30 * time.Second),
+			RetryBudget: Duration(DefaultRetryBudget),
 		},
 		CA:   CA{X509SVIDTTL: Duration(DefaultX509SVIDTTL), JWTSVIDTTL: Duration(DefaultJWTSVIDTTL)},
-		Unix: Unix{MaxBinarySize: 128 << 20},
+		Unix: Unix{MaxBinarySize: DefaultMaxBinarySize, PasswdFile: DefaultPasswdFile, GroupFile: DefaultGroupFile},
 	}
 }
 
@@ -170,9 +175,16 @@ func Default() Config {
 // errors naming the field's path (e.g. "csi.driverNme: unknown field").
 func Parse(data []byte) (Config, error) {
 	cfg := Default()
-	js, err := yaml.YAMLToJSON(data)
+	// Strict: a key written twice is a mistake to report, not a value to
+	// guess (the plain decoder keeps the last one).
+	js, err := yaml.YAMLToJSONStrict(data)
 	if err != nil {
 		return cfg, fmt.Errorf("config is not valid YAML: %w", err)
+	}
+	if t := strings.TrimSpace(string(js)); t == "null" || t == "" {
+		// An empty read is what a file being rewritten in place looks like;
+		// taking it for "all defaults" would widen access on a reload.
+		return cfg, ErrEmpty
 	}
 	if err := checkFields(js, reflect.TypeOf(cfg)); err != nil {
 		return cfg, err
@@ -185,9 +197,14 @@ func Parse(data []byte) (Config, error) {
 	return cfg, nil
 }
 
-// Load reads and parses a config file.
+// ErrEmpty is a config with no settings at all.
+var ErrEmpty = errors.New("config is empty (a file being rewritten reads so): give at least one setting, or no --config")
+
+// Load reads and parses a config file. A file that changes while it is read
+// (rewritten in place rather than replaced by a rename) is read again until
+// two reads agree, so a torn read is never taken for the whole file.
 func Load(path string) (Config, error) {
-	data, err := os.ReadFile(path)
+	data, err := readStable(path)
 	if err != nil {
 		return Default(), fmt.Errorf("read config: %w", err)
 	}
@@ -196,6 +213,49 @@ func Load(path string) (Config, error) {
 		return cfg, fmt.Errorf("config %s: %w", path, err)
 	}
 	return cfg, nil
+}
+
+// maxConfigSize bounds a config file; real ones are a few KiB.
+const maxConfigSize = 4 << 20
+
+// readStable reads path until two reads a moment apart agree.
+func readStable(path string) ([]byte, error) {
+	const (
+		attempts = 20
+		settle   = 20 * time.Millisecond
+	)
+	prev, err := readLimited(path)
+	if err != nil {
+		return nil, err
+	}
+	for range attempts {
+		time.Sleep(settle)
+		cur, err := readLimited(path)
+		if err != nil {
+			return nil, err
+		}
+		if bytes.Equal(prev, cur) {
+			return cur, nil
+		}
+		prev = cur
+	}
+	return nil, fmt.Errorf("%s kept changing while it was read; not applied", path)
+}
+
+func readLimited(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, maxConfigSize+1))
+	if err != nil {
+		return nil, err
+	}
+	if len(data) > maxConfigSize {
+		return nil, fmt.Errorf("%s is larger than %d bytes", path, maxConfigSize)
+	}
+	return data, nil
 }
 
 func describeDecodeError(err error) error {
@@ -374,6 +434,15 @@ func (c *Config) Validate() error {
 		if k.InsecureSkipVerify && k.CAFile != "" {
 			return errors.New("kubernetes.kubelet.insecureSkipVerify: cannot be combined with caFile")
 		}
+		if k.ReadOnlyPort == 0 && !k.Anonymous && k.TokenFile == "" && k.ClientCertFile == "" {
+			return errors.New("kubernetes.kubelet.tokenFile: the secure port needs a token file, a client certificate or anonymous: true")
+		}
+		if k.Anonymous && k.TokenFile != "" && k.TokenFile != DefaultTokenFile {
+			return errors.New("kubernetes.kubelet.anonymous: cannot be combined with tokenFile")
+		}
+		if c.CSI.Socket == "" && c.Kubernetes.CrossCheck == "enforce" {
+			return errors.New("kubernetes.crossCheck: enforce needs the CSI plugin (csi.socket) for mount records; set warn or off")
+		}
 		if c.Kubernetes.RetryBudget <= 0 {
 			return fmt.Errorf("kubernetes.retryBudget: must be positive, got %s", time.Duration(c.Kubernetes.RetryBudget))
 		}
@@ -381,14 +450,30 @@ func (c *Config) Validate() error {
 	if (c.CA.UpstreamCertFile == "") != (c.CA.UpstreamKeyFile == "") {
 		return errors.New("ca.upstreamCertFile: upstreamCertFile and upstreamKeyFile go together")
 	}
-	if d := time.Duration(c.CA.X509SVIDTTL); d < 10*time.Second {
-		return fmt.Errorf("ca.x509SVIDTTL: must be at least 10s, got %s", d)
-	}
-	if d := time.Duration(c.CA.JWTSVIDTTL); d < 10*time.Second {
-		return fmt.Errorf("ca.jwtSVIDTTL: must be at least 10s, got %s", d)
+	for _, ttl := range []struct {
+		field    string
+		d, limit time.Duration
+	}{
+		// X.509-SVIDs must fit the intermediate's remaining life at its
+		// rotation (half life); JWT-SVIDs cannot be revoked, keep them short.
+		{"ca.x509SVIDTTL", time.Duration(c.CA.X509SVIDTTL), MaxX509SVIDTTL},
+		{"ca.jwtSVIDTTL", time.Duration(c.CA.JWTSVIDTTL), MaxJWTSVIDTTL},
+	} {
+		if ttl.d < 10*time.Second {
+			return fmt.Errorf("%s: must be at least 10s, got %s", ttl.field, ttl.d)
+		}
+		if ttl.d > ttl.limit {
+			return fmt.Errorf("%s: must be at most %s, got %s", ttl.field, ttl.limit, ttl.d)
+		}
 	}
 	if c.Unix.MaxBinarySize <= 0 {
 		return fmt.Errorf("unix.maxBinarySize: must be positive, got %d", c.Unix.MaxBinarySize)
+	}
+	if c.Unix.PasswdFile == "" {
+		return errors.New("unix.passwdFile: must not be empty")
+	}
+	if c.Unix.GroupFile == "" {
+		return errors.New("unix.groupFile: must not be empty")
 	}
 	return nil
 }

@@ -1,12 +1,17 @@
 package config
 
 import (
+	"errors"
 	"flag"
 	"fmt"
+	"github.com/csi-agent/csi-agent/attestor/field"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
+	"syscall"
 	"time"
 
 	"github.com/csi-agent/csi-agent/internal/rules"
@@ -71,8 +76,10 @@ func FromArgs(args []string, getenv func(string) string, usage io.Writer, extra 
 			return cfg, err
 		}
 	}
+	var devDir string
 	if *dev {
-		applyDev(&cfg)
+		devDir = DevDir(getenv)
+		applyDev(&cfg, devDir)
 	}
 	fs.Visit(func(f *flag.Flag) {
 		if apply, ok := overrides[f.Name]; ok {
@@ -90,18 +97,28 @@ func FromArgs(args []string, getenv func(string) string, usage io.Writer, extra 
 	if err := cfg.Validate(); err != nil {
 		return cfg, err
 	}
+	if devDir != "" && (within(cfg.StateDir, devDir) || within(cfg.WorkloadAPI.SocketDir, devDir)) {
+		if err := ensurePrivateDir(devDir); err != nil {
+			return cfg, fmt.Errorf("--dev: %w", err)
+		}
+	}
 	return cfg, nil
+}
+
+func within(path, dir string) bool {
+	rel, err := filepath.Rel(dir, path)
+	return err == nil && rel != ".." && !strings.HasPrefix(rel, "../")
 }
 
 // applyDev points the agent at per-user temp dirs, turns CSI and Kubernetes
 // off, and, with no svids configured, issues the current user an identity.
-func applyDev(c *Config) {
+func applyDev(c *Config, base string) {
 	c.Dev = true
 	if c.StateDir == DefaultStateDir {
-		c.StateDir = filepath.Join(devBase(), "state")
+		c.StateDir = filepath.Join(base, "state")
 	}
 	if c.WorkloadAPI.SocketDir == DefaultSocketDir {
-		c.WorkloadAPI.SocketDir = filepath.Join(devBase(), "sockets")
+		c.WorkloadAPI.SocketDir = filepath.Join(base, "sockets")
 	}
 	c.CSI.Socket = ""
 	off := false
@@ -109,19 +126,62 @@ func applyDev(c *Config) {
 	if len(c.SVIDs) == 0 {
 		uid := strconv.Itoa(os.Getuid())
 		c.SVIDs = []rules.SVID{{
-			SPIFFEID: "/unix/uid/{unix.uid}",
-			Rules:    []rules.Rule{{Match: map[string]string{"unix.uid": uid}}},
+			SPIFFEID: "/unix/uid/{" + field.UnixUID + "}",
+			Rules:    []rules.Rule{{Match: map[string]string{field.UnixUID: uid}}},
 		}}
 	}
 }
 
-func devBase() string {
-	return filepath.Join(os.TempDir(), fmt.Sprintf("csi-agent-dev-%d", os.Getuid()))
+// DevDir is the per-user directory of `run --dev`: under $XDG_RUNTIME_DIR,
+// else the user's cache dir, else the temp dir with the uid in the name.
+// Only ensurePrivateDir makes it safe to use: in a shared temp dir another
+// user may have made it first.
+func DevDir(getenv func(string) string) string {
+	switch {
+	case getenv("XDG_RUNTIME_DIR") != "":
+		return filepath.Join(getenv("XDG_RUNTIME_DIR"), "csi-agent-dev")
+	case getenv("XDG_CACHE_HOME") != "":
+		return filepath.Join(getenv("XDG_CACHE_HOME"), "csi-agent-dev")
+	case getenv("HOME") != "":
+		return filepath.Join(getenv("HOME"), ".cache", "csi-agent-dev")
+	}
+	tmp := getenv("TMPDIR")
+	if tmp == "" {
+		tmp = "/tmp"
+	}
+	return filepath.Join(tmp, fmt.Sprintf("csi-agent-dev-%d", os.Geteuid()))
 }
 
 // DevSocketPath is where `run --dev` serves the Workload API by default.
-func DevSocketPath() string {
-	return filepath.Join(devBase(), "sockets", DefaultSocketName)
+func DevSocketPath(getenv func(string) string) string {
+	return filepath.Join(DevDir(getenv), "sockets", DefaultSocketName)
+}
+
+// ensurePrivateDir creates dir 0700, or accepts an existing one only if it
+// is a real directory (no symlink) owned by us and closed to others. Anyone
+// else's directory there could hold a CA key we would load or a socket they
+// could swap.
+func ensurePrivateDir(dir string) error {
+	if err := os.MkdirAll(filepath.Dir(dir), 0o700); err != nil {
+		return fmt.Errorf("create %s: %w", filepath.Dir(dir), err)
+	}
+	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+		return fmt.Errorf("create %s: %w", dir, err)
+	}
+	fi, err := os.Lstat(dir)
+	if err != nil {
+		return err
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	switch {
+	case !fi.IsDir():
+		return fmt.Errorf("%s is not a directory (a symlink?); refusing to use it", dir)
+	case !ok || int(st.Uid) != os.Geteuid():
+		return fmt.Errorf("%s is owned by uid %d, not by us (uid %d); refusing to use it: remove it or pick --state-dir and --workload-api-socket-dir", dir, st.Uid, os.Geteuid())
+	case fi.Mode().Perm()&0o077 != 0:
+		return fmt.Errorf("%s has mode %o, open to other users; refusing to use it (chmod 700 it)", dir, fi.Mode().Perm())
+	}
+	return nil
 }
 
 type flagSet struct {

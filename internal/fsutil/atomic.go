@@ -43,14 +43,6 @@ func WriteFileAtomic(path string, data []byte, perm os.FileMode) error {
 	return SyncDir(dir)
 }
 
-// RemoveDurable removes path (absent is fine) and fsyncs its directory.
-func RemoveDurable(path string) error {
-	if err := os.Remove(path); err != nil && !os.IsNotExist(err) {
-		return fmt.Errorf("remove %s: %w", path, err)
-	}
-	return SyncDir(filepath.Dir(path))
-}
-
 // SyncDir fsyncs a directory so that renames and removals in it are durable.
 func SyncDir(dir string) error {
 	d, err := os.Open(dir)

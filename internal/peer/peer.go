@@ -9,12 +9,13 @@ package peer
 import (
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"strconv"
 	"syscall"
 
 	sysunix "golang.org/x/sys/unix"
+
+	"github.com/csi-agent/csi-agent/internal/procfs"
 )
 
 var (
@@ -71,19 +72,12 @@ func (i Info) Alive() error {
 }
 
 // Close releases the process handle. Infos from Credentials are released
-// when their connection closes; only FromConn callers need this. After Close,
-// Alive reports ErrProcessGone.
+// when their connection closes. After Close, Alive reports ErrProcessGone.
 func (i Info) Close() error {
 	if i.h == nil {
 		return nil
 	}
 	return i.h.close()
-}
-
-// FromConn reads the peer credentials of c and takes a handle on the peer
-// process. The caller owns the handle and releases it with Info.Close.
-func FromConn(c *net.UnixConn) (Info, error) {
-	return fromConn(c, handleAuto)
 }
 
 // handleKind is how a process handle pins its process.
@@ -253,15 +247,26 @@ func credentialsOf(sockfd int, kind handleKind) (Info, error) {
 	return info, nil
 }
 
-// openProcDir is the fallback for kernels without pidfds. The agent's own
-// /proc is the right one: SO_PEERCRED pids are in the agent's PID namespace.
+// ownProc is the agent's own procfs: SO_PEERCRED pids are in the agent's PID
+// namespace, so no other tree is right for them.
+const ownProc = "/proc"
+
+// maxStatSize bounds a stat read: a stat line is well under 1 KiB; 4 KiB
+// leaves room for long kthread names.
+const maxStatSize = 4096
+
+// openProcDir is the fallback for kernels without pidfds.
 func openProcDir(pid int32) (*handle, error) {
-	dirfd, err := sysunix.Open("/proc/"+strconv.Itoa(int(pid)), sysunix.O_PATH|sysunix.O_DIRECTORY|sysunix.O_CLOEXEC, 0)
+	proc, err := procfs.New(ownProc)
 	if err != nil {
-		if err == sysunix.ENOENT || err == sysunix.ESRCH {
-			return nil, fmt.Errorf("open /proc/%d: %v: %w", pid, err, ErrProcessGone)
+		return nil, err
+	}
+	dirfd, err := proc.OpenPIDDir(pid)
+	if err != nil {
+		if errors.Is(err, procfs.ErrGone) {
+			return nil, fmt.Errorf("%w: %w", err, ErrProcessGone)
 		}
-		return nil, fmt.Errorf("open /proc/%d: %w", pid, err)
+		return nil, err
 	}
 	state, start, err := readStat(dirfd)
 	if err == nil && (state == 'Z' || state == 'X' || state == 'x') {
@@ -274,33 +279,17 @@ func openProcDir(pid int32) (*handle, error) {
 		}
 		return nil, err
 	}
-	return &handle{kind: handleProcDir, f: os.NewFile(uintptr(dirfd), "/proc/"+strconv.Itoa(int(pid))), start: start}, nil
+	return &handle{kind: handleProcDir, f: os.NewFile(uintptr(dirfd), proc.Path(pid, "")), start: start}, nil
 }
 
 // readStat reads <dirfd>/stat and returns its state and start time.
 func readStat(dirfd int) (byte, uint64, error) {
-	fd, err := sysunix.Openat(dirfd, "stat", sysunix.O_RDONLY|sysunix.O_CLOEXEC, 0)
+	var buf [maxStatSize]byte
+	b, err := procfs.ReadFileAt(dirfd, "stat", buf[:0], maxStatSize)
 	if err != nil {
-		return 0, 0, fmt.Errorf("open stat: %w", err)
+		return 0, 0, err
 	}
-	defer sysunix.Close(fd)
-	// A stat line is well under 1 KiB; 4 KiB leaves room for long kthread names.
-	var buf [4096]byte
-	n := 0
-	for n < len(buf) {
-		m, err := sysunix.Read(fd, buf[n:])
-		if err == sysunix.EINTR {
-			continue
-		}
-		if err != nil {
-			return 0, 0, fmt.Errorf("read stat: %w", err)
-		}
-		if m == 0 {
-			break
-		}
-		n += m
-	}
-	return parseStat(buf[:n])
+	return parseStat(b)
 }
 
 // parseStat extracts field 3 (state) and field 22 (starttime) of a

@@ -67,7 +67,7 @@ func helperServe(path string) int {
 		return 1
 	}
 	defer c.Close()
-	info, err := FromConn(c.(*net.UnixConn))
+	info, err := fromConn(c.(*net.UnixConn), handleAuto)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
@@ -255,7 +255,7 @@ func TestFromConnSelf(t *testing.T) {
 		conns[i] = c.(*net.UnixConn)
 		t.Cleanup(func() { c.Close() })
 	}
-	info, err := FromConn(conns[0])
+	info, err := fromConn(conns[0], handleAuto)
 	if err != nil {
 		t.Fatal(err)
 	}

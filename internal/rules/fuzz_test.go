@@ -1,6 +1,7 @@
 package rules
 
 import (
+	"github.com/csi-agent/csi-agent/attestor/field"
 	"strings"
 	"testing"
 
@@ -52,7 +53,7 @@ func FuzzCompileTemplate(f *testing.F) {
 			if err != nil {
 				t.Fatalf("compileIDTemplate accepted %q but Compile refused it: %v", s, err)
 			}
-			attrs.Set(fieldUnixUID, "4294967295")
+			attrs.Set(field.UnixUID, "4294967295")
 			for _, ident := range set.Evaluate(attrs) {
 				checkRenderedID(t, ident.ID)
 			}
@@ -103,7 +104,7 @@ func FuzzSelector(f *testing.F) {
 		if err != nil {
 			return
 		}
-		if err := checkField(c.field); err != nil {
+		if err := field.Check(c.field); err != nil {
 			t.Fatalf("selector %q compiled to field %q: %v", s, c.field, err)
 		}
 		// A selector holds on exactly the facts it names.

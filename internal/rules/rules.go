@@ -3,6 +3,7 @@ package rules
 import (
 	"errors"
 	"fmt"
+	"github.com/csi-agent/csi-agent/attestor/field"
 	"sort"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -57,7 +58,7 @@ type compiledSVID struct {
 
 // DefaultSPIFFEID is the template of the identity every attested pod gets
 // when no SVIDs are configured.
-const DefaultSPIFFEID = "/ns/{" + fieldK8sNamespace + "}/sa/{" + fieldK8sServiceAccount + "}"
+const DefaultSPIFFEID = "/ns/{" + field.K8sNamespace + "}/sa/{" + field.K8sServiceAccount + "}"
 
 // Compile checks and precompiles svids for trust domain td. Errors name the
 // offending place, e.g. `svids[2].rules[0].selectors[1]: unknown selector "k8s:foo:x"`.
@@ -75,29 +76,6 @@ func Compile(td spiffeid.TrustDomain, svids []SVID) (*Set, error) {
 	}
 	set.indexFields()
 	return set, nil
-}
-
-// Fields lists every field the set reads, in conditions and in templates,
-// each once. Attestors use it to skip work no rule needs.
-func (s *Set) Fields() []string {
-	if s == nil {
-		return nil
-	}
-	seen := map[string]bool{}
-	var out []string
-	add := func(f string) {
-		if f != "" && !seen[f] {
-			seen[f] = true
-			out = append(out, f)
-		}
-	}
-	for _, f := range s.fields {
-		add(f)
-	}
-	for i := range s.svids {
-		s.svids[i].anyTemplateField(func(f string) bool { add(f); return false })
-	}
-	return out
 }
 
 // indexFields numbers the fields the conditions test.
@@ -164,7 +142,7 @@ func compileRule(r Rule) ([]condition, error) {
 	}
 	sort.Strings(keys) // stable error messages and evaluation order
 	for _, k := range keys {
-		if err := checkField(k); err != nil {
+		if err := field.Check(k); err != nil {
 			return nil, fmt.Errorf(".match: %w", err)
 		}
 		v := r.Match[k]
@@ -186,7 +164,7 @@ func compileRule(r Rule) ([]condition, error) {
 }
 
 func isLabelField(name string) bool {
-	return len(name) > len(fieldK8sPodLabelPrefix) && name[:len(fieldK8sPodLabelPrefix)] == fieldK8sPodLabelPrefix
+	return len(name) > len(field.K8sPodLabelPrefix) && name[:len(field.K8sPodLabelPrefix)] == field.K8sPodLabelPrefix
 }
 
 // Default returns the set used when no SVIDs are configured: every attested
@@ -204,7 +182,7 @@ func Default(td spiffeid.TrustDomain) *Set {
 	}
 	set := &Set{svids: []compiledSVID{{
 		id:    id,
-		rules: [][]condition{{{op: opPresent, field: fieldK8sPodUID}}},
+		rules: [][]condition{{{op: opPresent, field: field.K8sPodUID}}},
 	}}}
 	set.indexFields()
 	return set

@@ -544,37 +544,6 @@ func TestYAML(t *testing.T) {
 	}
 }
 
-func TestFields(t *testing.T) {
-	td := spiffeid.RequireTrustDomainFromString("example.org")
-	set, err := Compile(td, []SVID{
-		{SPIFFEID: "/ns/{kubernetes.namespace}", DNSNames: []string{"{kubernetes.pod_name}.svc"}, Rules: []Rule{{Selectors: []string{"k8s:container-name:main"}}}},
-		{SPIFFEID: "/x", Rules: []Rule{{Match: map[string]string{"unix.uid": "1", "kubernetes.namespace": "a"}}}},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	got := map[string]bool{}
-	for _, f := range set.Fields() {
-		if got[f] {
-			t.Errorf("%s listed twice", f)
-		}
-		got[f] = true
-	}
-	for _, want := range []string{"kubernetes.namespace", "kubernetes.pod_name", "kubernetes.container_name", "unix.uid"} {
-		if !got[want] {
-			t.Errorf("Fields() lacks %s: %v", want, set.Fields())
-		}
-	}
-	if len(got) != 4 {
-		t.Errorf("Fields() = %v, want exactly 4", set.Fields())
-	}
-	for _, f := range Default(td).Fields() {
-		if strings.HasPrefix(f, "kubernetes.container_") {
-			t.Errorf("default rules read %s", f)
-		}
-	}
-}
-
 func TestPending(t *testing.T) {
 	td := spiffeid.RequireTrustDomainFromString("example.org")
 	container := func(f string) bool { return strings.HasPrefix(f, "kubernetes.container_") }

@@ -2,6 +2,7 @@ package rules
 
 import (
 	"fmt"
+	"github.com/csi-agent/csi-agent/attestor/field"
 	"strconv"
 	"strings"
 )
@@ -81,25 +82,25 @@ var simpleSelectors = map[string]struct {
 	field string
 	kind  valueKind
 }{
-	"k8s:ns":                   {fieldK8sNamespace, valueText},
-	"k8s:sa":                   {fieldK8sServiceAccount, valueText},
-	"k8s:pod-name":             {fieldK8sPodName, valueText},
-	"k8s:pod-uid":              {fieldK8sPodUID, valueText},
-	"k8s:node-name":            {fieldK8sNodeName, valueText},
-	"k8s:container-name":       {fieldK8sContainerName, valueText},
-	"k8s:pod-image":            {fieldK8sPodImage, valueText},
-	"k8s:pod-init-image":       {fieldK8sPodInitImage, valueText},
-	"k8s:pod-image-count":      {fieldK8sPodImageCount, valueNumber},
-	"k8s:pod-init-image-count": {fieldK8sPodInitImageCount, valueNumber},
-	"k8s:pod-owner-uid":        {fieldK8sPodOwnerUID, valueText},
-	"unix:uid":                 {fieldUnixUID, valueNumber},
-	"unix:user":                {fieldUnixUser, valueText},
-	"unix:gid":                 {fieldUnixGID, valueNumber},
-	"unix:group":               {fieldUnixGroup, valueText},
-	"unix:supplementary_gid":   {fieldUnixSupplementaryGID, valueNumber},
-	"unix:supplementary_group": {fieldUnixSupplementaryGroup, valueText},
-	"unix:path":                {fieldUnixPath, valueText},
-	"unix:sha256":              {fieldUnixSHA256, valueSHA256},
+	"k8s:ns":                   {field.K8sNamespace, valueText},
+	"k8s:sa":                   {field.K8sServiceAccount, valueText},
+	"k8s:pod-name":             {field.K8sPodName, valueText},
+	"k8s:pod-uid":              {field.K8sPodUID, valueText},
+	"k8s:node-name":            {field.K8sNodeName, valueText},
+	"k8s:container-name":       {field.K8sContainerName, valueText},
+	"k8s:pod-image":            {field.K8sPodImage, valueText},
+	"k8s:pod-init-image":       {field.K8sPodInitImage, valueText},
+	"k8s:pod-image-count":      {field.K8sPodImageCount, valueNumber},
+	"k8s:pod-init-image-count": {field.K8sPodInitImageCount, valueNumber},
+	"k8s:pod-owner-uid":        {field.K8sPodOwnerUID, valueText},
+	"unix:uid":                 {field.UnixUID, valueNumber},
+	"unix:user":                {field.UnixUser, valueText},
+	"unix:gid":                 {field.UnixGID, valueNumber},
+	"unix:group":               {field.UnixGroup, valueText},
+	"unix:supplementary_gid":   {field.UnixSupplementaryGID, valueNumber},
+	"unix:supplementary_group": {field.UnixSupplementaryGroup, valueText},
+	"unix:path":                {field.UnixPath, valueText},
+	"unix:sha256":              {field.UnixSHA256, valueSHA256},
 }
 
 // parseSelector compiles a SPIRE-style selector "<type>:<name>:<value>".
@@ -128,24 +129,24 @@ func parseSelector(s string) (condition, error) {
 		if value == "" {
 			return condition{}, fmt.Errorf("selector %q: empty value", s)
 		}
-		return condition{op: opEqualEither, field: fieldK8sContainerImage, field2: fieldK8sContainerImageID, value: value}, nil
+		return condition{op: opEqualEither, field: field.K8sContainerImage, field2: field.K8sContainerImageID, value: value}, nil
 	case "k8s:pod-label":
 		labelKey, labelValue, ok := strings.Cut(value, ":")
 		if !ok {
 			return condition{}, fmt.Errorf("selector %q: want k8s:pod-label:<key>:<value>", s)
 		}
-		if err := checkLabelKey(labelKey); err != nil {
+		if err := field.CheckLabelKey(labelKey); err != nil {
 			return condition{}, fmt.Errorf("selector %q: %w", s, err)
 		}
 		// An empty label value is legal in Kubernetes and matches only a
 		// label explicitly set to "".
-		return condition{op: opEqual, field: fieldK8sPodLabelPrefix + labelKey, value: labelValue}, nil
+		return condition{op: opEqual, field: field.PodLabel(labelKey), value: labelValue}, nil
 	case "k8s:pod-owner":
 		kind, ownerName, ok := strings.Cut(value, ":")
 		if !ok || kind == "" || ownerName == "" {
 			return condition{}, fmt.Errorf("selector %q: want k8s:pod-owner:<kind>:<name>", s)
 		}
-		return condition{op: opPair, field: fieldK8sPodOwnerKind, value: kind, field2: fieldK8sPodOwnerName, value2: ownerName}, nil
+		return condition{op: opPair, field: field.K8sPodOwnerKind, value: kind, field2: field.K8sPodOwnerName, value2: ownerName}, nil
 	}
 	return condition{}, fmt.Errorf("unknown selector %q", s)
 }

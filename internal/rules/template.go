@@ -3,6 +3,7 @@ package rules
 import (
 	"errors"
 	"fmt"
+	"github.com/csi-agent/csi-agent/attestor/field"
 	"strings"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -51,17 +52,17 @@ func parseTemplate(s string, offset int) (template, error) {
 			if end < 0 || s[i+1+end] == '{' {
 				return template{}, fmt.Errorf("unclosed '{' at offset %d", offset+i)
 			}
-			field := s[i+1 : i+1+end]
-			if field == "" {
+			name := s[i+1 : i+1+end]
+			if name == "" {
 				return template{}, fmt.Errorf("empty placeholder '{}' at offset %d", offset+i)
 			}
-			if err := checkField(field); err != nil {
+			if err := field.Check(name); err != nil {
 				return template{}, fmt.Errorf("placeholder at offset %d: %w", offset+i, err)
 			}
 			if lit < i {
 				t.parts = append(t.parts, part{literal: s[lit:i]})
 			}
-			t.parts = append(t.parts, part{field: field})
+			t.parts = append(t.parts, part{field: name})
 			t.placeholders++
 			i += 1 + end
 			lit = i + 1

@@ -1,6 +1,6 @@
-// Package identity caches the SVIDs the agent hands out, one per SPIFFE ID
-// and request shape, renews them at half life and tells subscribers when
-// anything they may hold has changed.
+// Package svidcache caches the SVIDs the agent hands out, one per SPIFFE ID
+// and request shape, renews them at half life and wakes the subscribers
+// holding a renewed SVID, or all of them when everything changed.
 package svidcache
 
 import (
@@ -52,6 +52,11 @@ type Cache struct {
 	jwt     table[jwtToken]
 	changed chan struct{}
 
+	// subMu guards the subscriptions; it is never held while taking mu.
+	subMu    sync.Mutex
+	subs     map[*Subscription]struct{}
+	watchers map[key]map[*Subscription]struct{} // X.509 entry -> holders
+
 	wake  chan struct{} // a new entry may move Run's next deadline
 	mints atomic.Int64  // minting calls made, for tests
 }
@@ -101,8 +106,9 @@ type table[V any] struct {
 	flights map[key]*flight[V]
 	mint    func(ctx context.Context, req request) (V, time.Time, error)
 	limit   int // 0: unlimited
-	// notifyOnRenew: subscribers hold these values and must re-read them.
-	notifyOnRenew bool
+	// wakeHolders: subscriptions watch these entries and must re-read them
+	// when they change.
+	wakeHolders bool
 }
 
 // New returns an empty cache in front of auth.
@@ -110,17 +116,19 @@ func New(auth *ca.Authority, opts Options) *Cache {
 	c := &Cache{
 		auth:    auth,
 		clock:   opts.Clock,
-		changed: make(chan struct{}),
-		wake:    make(chan struct{}, 1),
+		changed:  make(chan struct{}),
+		subs:     map[*Subscription]struct{}{},
+		watchers: map[key]map[*Subscription]struct{}{},
+		wake:     make(chan struct{}, 1),
 	}
 	if c.clock == nil {
 		c.clock = clock.RealClock{}
 	}
 	c.x509 = table[*x509svid.SVID]{
-		entries:       map[key]*entry[*x509svid.SVID]{},
-		flights:       map[key]*flight[*x509svid.SVID]{},
-		mint:          c.mintX509,
-		notifyOnRenew: true,
+		entries:     map[key]*entry[*x509svid.SVID]{},
+		flights:     map[key]*flight[*x509svid.SVID]{},
+		mint:        c.mintX509,
+		wakeHolders: true,
 	}
 	c.jwt = table[jwtToken]{
 		entries: map[key]*entry[jwtToken]{},
@@ -135,13 +143,14 @@ func New(auth *ca.Authority, opts Options) *Cache {
 // duplicates of the names do not matter), minting it on first use or once
 // past half its lifetime.
 func (c *Cache) X509SVID(ctx context.Context, id spiffeid.ID, dnsNames []string) (*x509svid.SVID, error) {
-	return get(ctx, c, &c.x509, key{id.String(), canonical(dnsNames, true)}, request{id, dnsNames})
+	svid, _, err := get(ctx, c, &c.x509, x509Key(id, dnsNames), request{id, dnsNames})
+	return svid, err
 }
 
 // JWTSVID returns a cached JWT-SVID for id and the audience set, minting one
 // on first use or once past half its lifetime.
 func (c *Cache) JWTSVID(ctx context.Context, id spiffeid.ID, audience []string) (string, time.Time, error) {
-	t, err := get(ctx, c, &c.jwt, key{id.String(), canonical(audience, false)}, request{id, audience})
+	t, _, err := get(ctx, c, &c.jwt, key{id.String(), canonical(audience, false)}, request{id, audience})
 	return t.token, t.expiresAt, err
 }
 
@@ -154,40 +163,44 @@ func (c *Cache) Changed() <-chan struct{} {
 	return c.changed
 }
 
-// Notify fires Changed, for example after a configuration reload.
+// Notify wakes every subscription and fires Changed: everything may have
+// changed, for example after a configuration reload.
 func (c *Cache) Notify() {
+	c.fireChanged()
+	c.wakeAll()
+}
+
+func (c *Cache) fireChanged() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	close(c.changed)
 	c.changed = make(chan struct{})
 }
 
-func get[V any](ctx context.Context, c *Cache, t *table[V], k key, req request) (V, error) {
+// get returns the entry's value; minted reports that this call minted it.
+func get[V any](ctx context.Context, c *Cache, t *table[V], k key, req request) (_ V, minted bool, _ error) {
 	now := c.clock.Now()
 	c.mu.RLock()
 	e := t.entries[k]
 	c.mu.RUnlock()
 	if e != nil && now.Before(e.refreshAt) {
 		e.touch(now)
-		return e.val, nil
+		return e.val, false, nil
 	}
-	e, renewed, err := renew(ctx, c, t, k, req, true)
+	e, minted, err := renew(ctx, c, t, k, req, true)
 	if err != nil {
 		var zero V
-		return zero, err
+		return zero, false, err
 	}
-	if renewed && t.notifyOnRenew {
-		c.Notify()
-	}
-	return e.val, nil
+	return e.val, minted, nil
 }
 
 // renew mints the entry for k once, however many goroutines ask at the same
 // time; the others wait for that one result. A failed renewal falls back to
 // the previous SVID while it is still valid. used says whether a workload
-// asked (as opposed to Run renewing ahead of time). renewed reports that
-// this call replaced an existing value; the caller fires Changed.
-func renew[V any](ctx context.Context, c *Cache, t *table[V], k key, req request, used bool) (_ *entry[V], renewed bool, _ error) {
+// asked (as opposed to Run renewing ahead of time). minted reports that this
+// call minted the value it returns; the entry's holders have been woken.
+func renew[V any](ctx context.Context, c *Cache, t *table[V], k key, req request, used bool) (_ *entry[V], minted bool, _ error) {
 	c.mu.Lock()
 	old := t.entries[k]
 	if now := c.clock.Now(); old != nil && now.Before(old.refreshAt) {
@@ -225,9 +238,9 @@ func renew[V any](ctx context.Context, c *Cache, t *table[V], k key, req request
 	case err == nil:
 		e = &entry[V]{req: req, val: val, mintedAt: now, expiresAt: expiresAt}
 		e.refreshAt = now.Add(e.lifetime() / 2)
+		minted = true
 		if old != nil {
 			e.lastUsed.Store(old.lastUsed.Load())
-			renewed = true
 		} else {
 			e.lastUsed.Store(now.UnixNano())
 		}
@@ -236,7 +249,7 @@ func renew[V any](ctx context.Context, c *Cache, t *table[V], k key, req request
 		}
 	case old != nil && now.Before(old.expiresAt):
 		klog.ErrorS(err, "Renewing SVID failed; serving the previous one until it expires",
-			"spiffeID", req.id, "expiresAt", old.expiresAt, "retryIn", retryAfter)
+			"spiffe_id", req.id.String(), "expires", rfc3339(old.expiresAt), "retryIn", retryAfter)
 		e = &entry[V]{req: old.req, val: old.val, mintedAt: old.mintedAt, expiresAt: old.expiresAt}
 		e.refreshAt = minTime(now.Add(retryAfter), old.expiresAt)
 		e.lastUsed.Store(old.lastUsed.Load())
@@ -253,13 +266,21 @@ func renew[V any](ctx context.Context, c *Cache, t *table[V], k key, req request
 	c.mu.Unlock()
 	close(f.done)
 
-	if err == nil && old == nil {
+	if minted && t.wakeHolders {
+		// Also on a first mint: an entry evicted and minted again may
+		// still have holders of the old one.
+		c.wakeHolders(k)
+		if old != nil {
+			c.fireChanged()
+		}
+	}
+	if minted && old == nil {
 		select {
 		case c.wake <- struct{}{}:
 		default:
 		}
 	}
-	return e, renewed, err
+	return e, minted, err
 }
 
 func (c *Cache) mintX509(ctx context.Context, req request) (*x509svid.SVID, time.Time, error) {
@@ -267,10 +288,7 @@ func (c *Cache) mintX509(ctx context.Context, req request) (*x509svid.SVID, time
 	if err != nil {
 		return nil, time.Time{}, err
 	}
-	leaf := svid.Certificates[0]
-	klog.V(2).InfoS("Minted X.509-SVID", "spiffeID", req.id, "dnsNames", req.extra,
-		"serial", leaf.SerialNumber.Text(16), "notAfter", leaf.NotAfter)
-	return svid, leaf.NotAfter, nil
+	return svid, svid.Certificates[0].NotAfter, nil
 }
 
 func (c *Cache) mintJWT(ctx context.Context, req request) (jwtToken, time.Time, error) {
@@ -278,7 +296,6 @@ func (c *Cache) mintJWT(ctx context.Context, req request) (jwtToken, time.Time, 
 	if err != nil {
 		return jwtToken{}, time.Time{}, err
 	}
-	klog.V(2).InfoS("Minted JWT-SVID", "spiffeID", req.id, "audience", req.extra, "expiresAt", exp)
 	return jwtToken{token, exp}, exp, nil
 }
 
@@ -317,6 +334,9 @@ func lengthPrefixed(vs []string) string {
 	}
 	return string(b)
 }
+
+// rfc3339 formats an expiry as audit lines carry it.
+func rfc3339(t time.Time) string { return t.UTC().Format(time.RFC3339) }
 
 func minTime(a, b time.Time) time.Time {
 	if a.Before(b) {

@@ -33,7 +33,7 @@ type fixture struct {
 func newFixture(t testing.TB, mod func(*ca.Options)) *fixture {
 	t.Helper()
 	fc := clocktesting.NewFakeClock(time.Now().Add(-3 * time.Minute))
-	opts := ca.Options{TrustDomain: testTD, StateDir: t.TempDir(), Clock: fc}
+	opts := ca.Options{TrustDomain: testTD, StateDir: t.TempDir(), Clock: fc, X509SVIDTTL: time.Hour, JWTSVIDTTL: 5 * time.Minute, IntermediateTTL: 24 * time.Hour}
 	if mod != nil {
 		mod(&opts)
 	}

@@ -1,9 +1,20 @@
 // Command bench measures the real csi-agent binary from outside, as a
-// workload sees it: new connection → first X.509-SVID, FetchJWTSVID
+// workload sees it. Traffic stays on Unix sockets in temp dirs.
+//
+// -mode classic (default): new connection → first X.509-SVID, FetchJWTSVID
 // throughput with concurrent clients, and the agent's RSS idle and with many
-// open X.509 streams. Traffic stays on a Unix socket in a temp dir.
+// open X.509 streams:
 //
 //	go run ./tests/bench [-n 2000] [-clients 16] [-duration 5s] [-streams 1000]
+//
+// -mode streams (as root): per binary, first-SVID latency and RSS with
+// -rss-streams open streams, then -rot-streams streams held by -identities
+// client processes running as uids 20000.., with X.509-SVIDs of -ttl
+// rotating -rotations times: agent CPU and read syscalls per rotation, and
+// whether every stream received every rotation. -bins runs prebuilt
+// binaries side by side, interleaved:
+//
+//	go run ./tests/bench -mode streams -bins old=/tmp/before/csi-agent,new=/tmp/new/csi-agent
 package main
 
 import (
@@ -15,7 +26,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sort"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -29,44 +39,105 @@ import (
 )
 
 func main() {
-	n := flag.Int("n", 2000, "new-connection samples")
-	clients := flag.Int("clients", 16, "concurrent FetchJWTSVID clients")
-	duration := flag.Duration("duration", 5*time.Second, "FetchJWTSVID run time")
-	streams := flag.Int("streams", 1000, "open X.509 streams for the RSS measurement")
+	var (
+		mode     = flag.String("mode", "classic", "classic or streams")
+		binsFlag = flag.String("bins", "", "name=path,... of prebuilt agents to run side by side (default: build ./cmd/csi-agent as \"this\")")
+		n        = flag.Int("n", 2000, "new-connection samples")
+		clients  = flag.Int("clients", 16, "classic: concurrent FetchJWTSVID clients")
+		duration = flag.Duration("duration", 5*time.Second, "classic: FetchJWTSVID run time")
+		streams  = flag.Int("streams", 1000, "classic: open X.509 streams for the RSS measurement")
+		cfg      streamsConfig
+		client   = flag.Bool("client", false, "internal: run as a stream client process")
+		sock     = flag.String("sock", "", "internal: the client's agent socket")
+		cstreams = flag.Int("client-streams", 0, "internal: the client's stream count")
+		cperconn = flag.Int("client-per-conn", 1, "internal: the client's streams per connection")
+	)
+	flag.IntVar(&cfg.rssStreams, "rss-streams", 5000, "streams: open streams for the RSS measurement")
+	flag.IntVar(&cfg.rotStreams, "rot-streams", 10000, "streams: open streams while SVIDs rotate")
+	flag.IntVar(&cfg.identities, "identities", 100, "streams: client processes, one uid and so one identity each")
+	flag.DurationVar(&cfg.ttl, "ttl", time.Minute, "streams: X.509-SVID lifetime (renewed at half)")
+	flag.IntVar(&cfg.rotations, "rotations", 3, "streams: half lives to measure")
+	flag.IntVar(&cfg.perConn, "streams-per-conn", 0, "streams: streams per connection in the rotation phase (0: one, or as few as RLIMIT_NOFILE allows)")
+	flag.IntVar(&cfg.rounds, "rounds", 1, "streams: rounds over all binaries, order alternating")
 	flag.Parse()
-	if err := run(*n, *clients, *duration, *streams); err != nil {
+	cfg.n = *n
+
+	var err error
+	switch {
+	case *client:
+		err = runClient(*sock, *cstreams, *cperconn)
+	case *mode == "classic":
+		err = withBinaries(*binsFlag, func(bins []namedBin) error {
+			for _, b := range bins {
+				fmt.Printf("\n%s (%s):\n\n", b.name, b.path)
+				if err := run(b.path, *n, *clients, *duration, *streams); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+	case *mode == "streams":
+		err = withBinaries(*binsFlag, func(bins []namedBin) error { return runStreams(bins, cfg) })
+	default:
+		err = fmt.Errorf("unknown -mode %q", *mode)
+	}
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
 }
 
-func run(n, clients int, duration time.Duration, streams int) error {
-	dir, err := os.MkdirTemp("", "csi-agent-bench-")
+type namedBin struct{ name, path string }
+
+// withBinaries runs f with the binaries of -bins, or with the agent built
+// from this tree.
+func withBinaries(spec string, f func([]namedBin) error) error {
+	bins, cleanup, err := binaries(spec)
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
-	bin := filepath.Join(dir, "csi-agent")
-	build := exec.Command("go", "build", "-o", bin, "./cmd/csi-agent")
-	build.Stdout, build.Stderr = os.Stderr, os.Stderr
-	if err := build.Run(); err != nil {
-		return fmt.Errorf("build agent: %w", err)
+	defer cleanup()
+	return f(bins)
+}
+
+func binaries(spec string) ([]namedBin, func(), error) {
+	if spec == "" {
+		dir, err := os.MkdirTemp("", "csi-agent-bench-build-")
+		if err != nil {
+			return nil, nil, err
+		}
+		cleanup := func() { os.RemoveAll(dir) }
+		bin := filepath.Join(dir, "csi-agent")
+		build := exec.Command("go", "build", "-o", bin, "./cmd/csi-agent")
+		build.Stdout, build.Stderr = os.Stderr, os.Stderr
+		if err := build.Run(); err != nil {
+			cleanup()
+			return nil, nil, fmt.Errorf("build agent: %w", err)
+		}
+		return []namedBin{{"this", bin}}, cleanup, nil
 	}
-	sockDir := filepath.Join(dir, "sockets")
-	agent := exec.Command(bin, "run", "--dev", "--state-dir", filepath.Join(dir, "state"), "--workload-api-socket-dir", sockDir, "-v=0", "--logtostderr=false", "--log_file", filepath.Join(dir, "agent.log"))
-	if err := agent.Start(); err != nil {
+	var bins []namedBin
+	for _, kv := range strings.Split(spec, ",") {
+		name, path, ok := strings.Cut(kv, "=")
+		if !ok || name == "" || path == "" {
+			return nil, nil, fmt.Errorf("-bins: %q is not name=path", kv)
+		}
+		if _, err := os.Stat(path); err != nil {
+			return nil, nil, fmt.Errorf("-bins: %w", err)
+		}
+		bins = append(bins, namedBin{name, path})
+	}
+	return bins, func() {}, nil
+}
+
+func run(bin string, n, clients int, duration time.Duration, streams int) error {
+	a, err := startAgent(bin, false)
+	if err != nil {
 		return err
 	}
-	defer func() {
-		_ = agent.Process.Kill()
-		_ = agent.Wait()
-	}()
-	sock := filepath.Join(sockDir, "agent.sock")
-	if err := waitForSocket(sock, 20*time.Second); err != nil {
-		return err
-	}
+	defer a.stop()
+	sock, pid := a.sock, a.pid
 	ctx := metadata.AppendToOutgoingContext(context.Background(), "workload.spiffe.io", "true")
-	pid := agent.Process.Pid
 
 	// Warm the SVID cache; we measure the per-connection path, not minting.
 	for i := 0; i < 50; i++ {
@@ -112,18 +183,6 @@ func run(n, clients int, duration time.Duration, streams int) error {
 	fmt.Printf("| agent RSS after the JWT run | %.1f MiB |\n", float64(afterJWT)/1024)
 	fmt.Printf("| agent RSS with %d open X.509 streams (one connection each) | %.1f MiB |\n", streams, float64(withStreams)/1024)
 	return nil
-}
-
-func waitForSocket(path string, timeout time.Duration) error {
-	deadline := time.Now().Add(timeout)
-	for time.Now().Before(deadline) {
-		if c, err := net.Dial("unix", path); err == nil {
-			c.Close()
-			return nil
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	return fmt.Errorf("agent socket %s did not appear", path)
 }
 
 func dial(sock string) (*grpc.ClientConn, error) {
@@ -244,21 +303,4 @@ func pct(d []time.Duration, p int) string {
 	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
 	idx := (len(s) - 1) * p / 100
 	return fmt.Sprintf("%.3f ms", float64(s[idx].Microseconds())/1000)
-}
-
-func rssKiB(pid int) int64 {
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return -1
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		if strings.HasPrefix(line, "VmRSS:") {
-			f := strings.Fields(line)
-			if len(f) >= 2 {
-				v, _ := strconv.ParseInt(f[1], 10, 64)
-				return v
-			}
-		}
-	}
-	return -1
 }

@@ -1,0 +1,233 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/sync/errgroup"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"k8s.io/klog/v2"
+
+	"github.com/csi-agent/csi-agent/attestor/k8s"
+	unixattestor "github.com/csi-agent/csi-agent/attestor/unix"
+	"github.com/csi-agent/csi-agent/csi"
+	"github.com/csi-agent/csi-agent/internal/ca"
+	"github.com/csi-agent/csi-agent/internal/config"
+	"github.com/csi-agent/csi-agent/internal/federation"
+	"github.com/csi-agent/csi-agent/internal/records"
+	"github.com/csi-agent/csi-agent/internal/rules"
+	"github.com/csi-agent/csi-agent/internal/svidcache"
+	"github.com/csi-agent/csi-agent/internal/unixsock"
+	"github.com/csi-agent/csi-agent/workloadapi"
+)
+
+// stopTimeout bounds a graceful stop: open streams never end by themselves.
+const stopTimeout = 5 * time.Second
+
+// agentOptions are what runAgentConfig needs beyond the configuration.
+type agentOptions struct {
+	version string
+	// reload re-reads the configuration on SIGHUP; nil disables reloads.
+	reload func() (config.Config, error)
+	// started, if set, is called once the Workload API serves.
+	started func()
+}
+
+// runAgentConfig constructs every component from cfg, then runs them until
+// ctx ends or one fails. It only wires: policy lives in the components and
+// defaults in internal/config.
+func runAgentConfig(ctx context.Context, cfg config.Config, opts agentOptions) error {
+	// Catch SIGHUP from the start: its default action would kill an agent
+	// that is still starting.
+	var hup chan os.Signal
+	if opts.reload != nil {
+		hup = make(chan os.Signal, 1)
+		signal.Notify(hup, syscall.SIGHUP)
+		defer signal.Stop(hup)
+	}
+	td, err := cfg.TrustDomainID()
+	if err != nil {
+		return fmt.Errorf("trustDomain: %w", err)
+	}
+	ruleSet, err := cfg.Rules(td)
+	if err != nil {
+		return fmt.Errorf("config: %w", err)
+	}
+	fed, err := federation.New(cfg.Federation, federation.Options{OwnTrustDomain: td})
+	if err != nil {
+		return fmt.Errorf("config: %w", err)
+	}
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return fmt.Errorf("create state dir: %w", err)
+	}
+	auth, err := ca.New(ctx, cfg.CAOptions(td))
+	if err != nil {
+		return fmt.Errorf("start CA: %w", err)
+	}
+	cache := svidcache.New(auth, svidcache.Options{})
+
+	var recs *records.Store
+	if cfg.CSI.Socket != "" || cfg.KubernetesEnabled() {
+		if recs, err = records.Open(cfg.RecordsDir()); err != nil {
+			return fmt.Errorf("open mount records: %w", err)
+		}
+		defer recs.Close()
+	}
+	unix, err := unixattestor.New(cfg.UnixOptions())
+	if err != nil {
+		return fmt.Errorf("unix: %w", err)
+	}
+	wlOpts := workloadapi.Options{
+		TrustDomain: td, Unix: unix, Rules: ruleSet, Bundle: auth, SVIDs: cache, Federation: fed,
+	}
+	if cfg.KubernetesEnabled() {
+		kc, err := k8s.NewKubeletClient(cfg.KubeletConfig())
+		if err != nil {
+			return fmt.Errorf("kubernetes.kubelet: %w", err)
+		}
+		defer kc.Close()
+		var mounts k8s.Records // stays nil, not a nil *Store, without records
+		if recs != nil {
+			mounts = recs
+		}
+		if wlOpts.Pods, err = k8s.New(cfg.KubernetesOptions(kc, mounts)); err != nil {
+			return fmt.Errorf("kubernetes: %w", err)
+		}
+	}
+	wl, err := workloadapi.New(wlOpts)
+	if err != nil {
+		return err
+	}
+	lis, err := workloadapi.Listen(cfg.WorkloadAPI.SocketDir, cfg.WorkloadAPI.SocketName)
+	if err != nil {
+		return fmt.Errorf("workload API socket: %w", err)
+	}
+	gs, health := workloadapi.NewGRPCServer(wl)
+
+	var driver *csi.Driver
+	if cfg.CSI.Socket != "" {
+		if driver, err = csi.New(csi.Options{
+			DriverName:           cfg.CSI.DriverName,
+			Version:              opts.version,
+			NodeID:               cfg.NodeName,
+			KubeletRootDir:       cfg.CSI.KubeletRootDir,
+			WorkloadAPISocketDir: cfg.WorkloadAPI.SocketDir,
+			Records:              recs,
+			Ready:                wl.Ready,
+		}); err != nil {
+			lis.Close()
+			return fmt.Errorf("csi: %w", err)
+		}
+	}
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return auth.Run(ctx) })
+	g.Go(func() error { return cache.Run(ctx) })
+	g.Go(func() error { return fed.Run(ctx) })
+	g.Go(func() error {
+		// Stop answering before the server stops, so probes see it first.
+		serving, stop := context.WithCancel(context.Background())
+		go func() {
+			<-ctx.Done()
+			wl.SetReady(false)
+			health.Shutdown()
+			stop()
+		}()
+		if err := unixsock.Serve(serving, gs, lis, stopTimeout); err != nil {
+			return fmt.Errorf("workload API: %w", err)
+		}
+		return nil
+	})
+
+	if driver != nil {
+		if err := driver.Reconcile(ctx); err != nil {
+			cancel()
+			_ = g.Wait()
+			return fmt.Errorf("csi: reconcile mounts with records: %w", err)
+		}
+		g.Go(func() error { return driver.Serve(ctx, cfg.CSI.Socket) })
+		if cfg.RegistrationEnabled() {
+			g.Go(func() error {
+				return csi.ServeRegistration(ctx, csi.RegistrationOptions{
+					RegistryDir: filepath.Join(cfg.CSI.KubeletRootDir, "plugins_registry"),
+					DriverName:  cfg.CSI.DriverName,
+					Endpoint:    cfg.CSI.Socket,
+				})
+			})
+		}
+	}
+	if opts.reload != nil {
+		g.Go(func() error { return reloadOnHUP(ctx, hup, td, len(cfg.SVIDs) > 0, wl.SetRules, opts.reload) })
+	}
+
+	wl.SetReady(true)
+	health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	klog.InfoS("Agent started", "version", opts.version, "trust_domain", td.String(),
+		"socket", cfg.WorkloadAPI.SocketPath(), "csi_socket", cfg.CSI.Socket,
+		"kubernetes", cfg.KubernetesEnabled(), "cross_check", cfg.Kubernetes.CrossCheck)
+	if opts.started != nil {
+		opts.started()
+	}
+	err = g.Wait()
+	if err != nil && !errors.Is(err, context.Canceled) {
+		return err
+	}
+	return nil
+}
+
+// reloadSettle gathers a burst of SIGHUPs (a config being written, a
+// script signalling in a loop) into one reload.
+const reloadSettle = 200 * time.Millisecond
+
+// reloadOnHUP swaps the rules (svids) on SIGHUP; other settings need a
+// restart. A config that fails to load keeps the running rules: a typo must
+// not revoke every identity on the node. Nor may a reload widen access: a
+// config that lost its svids would fall back to the default rules, so it is
+// refused while svids are running.
+func reloadOnHUP(ctx context.Context, hup <-chan os.Signal, td spiffeid.TrustDomain, configured bool, setRules func(*rules.Set), reload func() (config.Config, error)) error {
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-hup:
+		}
+		settle := time.NewTimer(reloadSettle)
+	gather:
+		for {
+			select {
+			case <-ctx.Done():
+				settle.Stop()
+				return nil
+			case <-hup:
+			case <-settle.C:
+				break gather
+			}
+		}
+		cfg, err := reload()
+		if err != nil {
+			klog.ErrorS(err, "Config reload failed; keeping the running rules")
+			continue
+		}
+		if configured && len(cfg.SVIDs) == 0 {
+			klog.ErrorS(nil, "Config reload has no svids; keeping the running rules (restart to use the default rules)")
+			continue
+		}
+		set, err := cfg.Rules(td)
+		if err != nil {
+			klog.ErrorS(err, "Config reload failed; keeping the running rules")
+			continue
+		}
+		setRules(set)
+		configured = len(cfg.SVIDs) > 0
+		klog.InfoS("Rules reloaded; other settings take effect on restart", "svids", len(cfg.SVIDs))
+	}
+}

@@ -1,0 +1,137 @@
+package workloadapi
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"k8s.io/klog/v2"
+
+	"github.com/csi-agent/csi-agent/attestor"
+	"github.com/csi-agent/csi-agent/attestor/field"
+	"github.com/csi-agent/csi-agent/internal/peer"
+	"github.com/csi-agent/csi-agent/internal/rules"
+)
+
+// caller is an attested Workload API client.
+type caller struct {
+	pid   int32
+	attrs attestor.Attributes
+}
+
+// checkHeader enforces the security header that keeps browsers and other
+// SSRF-style proxies from reaching the API.
+func checkHeader(ctx context.Context) error {
+	md, ok := metadata.FromIncomingContext(ctx)
+	if !ok || len(md.Get("workload.spiffe.io")) != 1 || md.Get("workload.spiffe.io")[0] != "true" {
+		return status.Error(codes.InvalidArgument, "security header missing from request: set gRPC metadata workload.spiffe.io=true")
+	}
+	return nil
+}
+
+// attest identifies the caller of an RPC. Errors carry gRPC codes.
+func (s *Server) attest(ctx context.Context) (caller, error) {
+	if err := checkHeader(ctx); err != nil {
+		return caller{}, err
+	}
+	if !s.ready.Load() {
+		return caller{}, status.Error(codes.Unavailable, "agent is starting up")
+	}
+	info, ok := peer.FromContext(ctx)
+	if !ok {
+		return caller{}, status.Error(codes.Internal, "no peer credentials on this connection")
+	}
+	if info.PID <= 0 {
+		return caller{}, status.Error(codes.PermissionDenied, "caller is outside the agent's PID namespace (the agent needs the host PID namespace)")
+	}
+	attrs, err := s.attestPID(ctx, info.PID)
+	if hook := s.afterAttest.Load(); hook != nil {
+		(*hook)(info.PID)
+	}
+	if err != nil {
+		klog.InfoS("Attestation failed", "pid", info.PID, "uid", info.UID, "err", err)
+		switch {
+		case errors.Is(err, attestor.ErrUnavailable):
+			return caller{}, status.Errorf(codes.Unavailable, "attestation unavailable: %v", err)
+		case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+			return caller{}, status.FromContextError(err).Err()
+		default:
+			// Fail closed: whatever went wrong, no identity.
+			return caller{}, status.Errorf(codes.PermissionDenied, "attestation failed: %v", err)
+		}
+	}
+	// The kernel recorded the caller's effective ids at connect(); procfs
+	// shows them now. A process that exec'd a setuid binary since it
+	// connected would otherwise be attested as that binary's owner.
+	if err := sameCredentials(info, attrs); err != nil {
+		klog.InfoS("Caller's credentials changed since it connected; denied, connection closed", "pid", info.PID, "err", err)
+		_ = info.CloseConnection()
+		return caller{}, status.Errorf(codes.PermissionDenied, "caller credentials changed since connect: %v", err)
+	}
+	// Only now that the facts are read do we know whether they were read
+	// from the process that connected and not from a successor on its PID.
+	if err := info.Alive(); err != nil {
+		klog.InfoS("Caller gone before attestation completed; denied, connection closed", "pid", info.PID, "err", err)
+		// Whoever still holds the socket is not the process we attested.
+		_ = info.CloseConnection()
+		return caller{}, status.Error(codes.PermissionDenied, "caller process exited during attestation")
+	}
+	return caller{pid: info.PID, attrs: attrs}, nil
+}
+
+// sameCredentials checks the attested effective uid and gid against those
+// the kernel recorded at connect.
+func sameCredentials(info peer.Info, attrs attestor.Attributes) error {
+	for _, c := range []struct {
+		field string
+		want  uint32
+	}{{field.UnixUID, info.UID}, {field.UnixGID, info.GID}} {
+		got, ok := attrs.Get(c.field)
+		if !ok || got != strconv.FormatUint(uint64(c.want), 10) {
+			return fmt.Errorf("%s is %q now, %d at connect", c.field, got, c.want)
+		}
+	}
+	return nil
+}
+
+// entitled evaluates the rules for an attested caller.
+func (s *Server) entitled(c caller) ([]rules.Identity, error) {
+	ids := s.rules.Load().Evaluate(c.attrs)
+	if len(ids) == 0 {
+		klog.V(1).InfoS("No identity for caller", "pid", c.pid, "attributes", c.attrs.String())
+		return nil, status.Error(codes.PermissionDenied, "no identity issued: no rule matches this workload")
+	}
+	return ids, nil
+}
+
+// attestPID establishes the facts about pid: procfs first and, for a caller
+// in a pod, the kubelet's.
+func (s *Server) attestPID(ctx context.Context, pid int32) (attestor.Attributes, error) {
+	attrs, err := s.unix.Attest(ctx, pid)
+	if err != nil || s.pods == nil {
+		return attrs, err
+	}
+	// Answer from the pod's facts at once; wait for the kubelet to list a
+	// new container only when that could change which identities match.
+	// Most pods never wait: their first SVID comes as their process starts.
+	kattrs, err := s.pods.AttestWithContainerWait(ctx, pid, 0)
+	if err != nil {
+		return nil, err
+	}
+	if kattrs != nil && len(kattrs[field.K8sContainerID]) == 0 {
+		probe := attestor.Attributes{}
+		probe.Merge(attrs)
+		probe.Merge(kattrs)
+		if s.rules.Load().Pending(probe, field.IsContainer) {
+			if kattrs, err = s.pods.Attest(ctx, pid); err != nil {
+				return nil, err
+			}
+		}
+	}
+	attrs.Merge(kattrs)
+	return attrs, nil
+}

@@ -1,0 +1,123 @@
+package workloadapi
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
+	workloadpb "github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// FetchX509Bundles streams the X.509 bundles of our and federated trust
+// domains, sending only when they change.
+func (s *Server) FetchX509Bundles(_ *workloadpb.X509BundlesRequest, stream grpc.ServerStreamingServer[workloadpb.X509BundlesResponse]) error {
+	return s.streamBundles(stream.Context(), s.x509Bundles, func(b map[string][]byte) error {
+		return stream.Send(&workloadpb.X509BundlesResponse{Bundles: b})
+	})
+}
+
+// FetchJWTBundles streams the JWKS of our and federated trust domains.
+func (s *Server) FetchJWTBundles(_ *workloadpb.JWTBundlesRequest, stream grpc.ServerStreamingServer[workloadpb.JWTBundlesResponse]) error {
+	return s.streamBundles(stream.Context(), s.jwtBundles, func(b map[string][]byte) error {
+		return stream.Send(&workloadpb.JWTBundlesResponse{Bundles: b})
+	})
+}
+
+// streamBundles sends the bundles at once and again whenever they change,
+// until the client goes away or is no longer entitled.
+func (s *Server) streamBundles(ctx context.Context, build func() (map[string][]byte, error), send func(map[string][]byte) error) error {
+	var last map[string][]byte
+	for {
+		cacheCh, rulesCh, fedCh := s.svids.Changed(), s.rulesChanged(), s.federationChanged()
+		// As SPIRE does, bundles go to callers entitled to an identity,
+		// re-checked at every change like the SVID stream.
+		c, err := s.attest(ctx)
+		if err != nil {
+			return err
+		}
+		if _, err := s.entitled(c); err != nil {
+			return err
+		}
+		bundles, err := build()
+		if err != nil {
+			return status.Errorf(codes.Internal, "encode bundles: %v", err)
+		}
+		if last == nil || !sameBundleMap(last, bundles) {
+			if err := send(bundles); err != nil {
+				return err
+			}
+			last = bundles
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-cacheCh:
+		case <-rulesCh:
+		case <-fedCh:
+		}
+	}
+}
+
+// x509Bundles holds the DER certificates of each trust domain's X.509 authorities.
+func (s *Server) x509Bundles() (map[string][]byte, error) {
+	bundles := s.federatedX509()
+	if bundles == nil {
+		bundles = map[string][]byte{}
+	}
+	bundles[s.td.IDString()] = concatDER(s.bundle.Bundle().X509Authorities())
+	return bundles, nil
+}
+
+// jwtBundles marshals each trust domain's JWT authorities as a JWKS (keys
+// with kid and use "jwt-svid", no X.509 authorities).
+func (s *Server) jwtBundles() (map[string][]byte, error) {
+	out := map[string][]byte{}
+	add := func(b *spiffebundle.Bundle) error {
+		jb := spiffebundle.FromJWTAuthorities(b.TrustDomain(), b.JWTAuthorities())
+		data, err := jb.Marshal()
+		if err != nil {
+			return fmt.Errorf("bundle of %s: %w", b.TrustDomain(), err)
+		}
+		out[b.TrustDomain().IDString()] = data
+		return nil
+	}
+	if err := add(s.bundle.Bundle()); err != nil {
+		return nil, err
+	}
+	for _, b := range s.federated() {
+		if err := add(b); err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
+}
+
+func (s *Server) federationChanged() <-chan struct{} {
+	if s.fed == nil {
+		return nil
+	}
+	return s.fed.Changed()
+}
+
+func (s *Server) federated() map[spiffeid.TrustDomain]*spiffebundle.Bundle {
+	if s.fed == nil {
+		return nil
+	}
+	return s.fed.Bundles()
+}
+
+func (s *Server) federatedX509() map[string][]byte {
+	fed := s.federated()
+	if len(fed) == 0 {
+		return nil
+	}
+	out := make(map[string][]byte, len(fed))
+	for td, b := range fed {
+		out[td.IDString()] = concatDER(b.X509Authorities())
+	}
+	return out
+}

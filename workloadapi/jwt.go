@@ -1,0 +1,107 @@
+package workloadapi
+
+import (
+	"context"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/jwtbundle"
+	workloadpb "github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/structpb"
+	"k8s.io/klog/v2"
+)
+
+// FetchJWTSVID mints JWT-SVIDs for the requested audience.
+func (s *Server) FetchJWTSVID(ctx context.Context, req *workloadpb.JWTSVIDRequest) (*workloadpb.JWTSVIDResponse, error) {
+	if err := checkHeader(ctx); err != nil {
+		return nil, err
+	}
+	if len(req.Audience) == 0 {
+		return nil, status.Error(codes.InvalidArgument, "audience must be specified")
+	}
+	for _, a := range req.Audience {
+		if a == "" {
+			return nil, status.Error(codes.InvalidArgument, "audience must not contain an empty value")
+		}
+	}
+	var want spiffeid.ID
+	if req.SpiffeId != "" {
+		var err error
+		if want, err = spiffeid.FromString(req.SpiffeId); err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "invalid requested SPIFFE ID: %v", err)
+		}
+	}
+	c, err := s.attest(ctx)
+	if err != nil {
+		return nil, err
+	}
+	ids, err := s.entitled(c)
+	if err != nil {
+		return nil, err
+	}
+	resp := &workloadpb.JWTSVIDResponse{}
+	for _, id := range ids {
+		if !want.IsZero() && id.ID != want {
+			continue
+		}
+		token, expires, err := s.svids.JWTSVID(ctx, id.ID, req.Audience)
+		if err != nil {
+			klog.ErrorS(err, "Minting JWT-SVID failed", "spiffe_id", id.ID.String())
+			return nil, status.Errorf(codes.Unavailable, "could not mint JWT-SVID for %s: %v", id.ID, err)
+		}
+		resp.Svids = append(resp.Svids, &workloadpb.JWTSVID{SpiffeId: id.ID.String(), Svid: token, Hint: id.Hint})
+		klog.InfoS("Issued JWT-SVID", "spiffe_id", id.ID.String(), "jti", jwtID(token), "audience", req.Audience, "expires", expires.UTC().Format("2006-01-02T15:04:05Z"), "pid", c.pid, "attributes", c.attrs.String())
+	}
+	if len(resp.Svids) == 0 {
+		return nil, status.Errorf(codes.PermissionDenied, "caller is not entitled to %s", req.SpiffeId)
+	}
+	return resp, nil
+}
+
+// jwtID reads the jti of a token we minted ourselves, for the audit line.
+func jwtID(token string) string {
+	svid, err := jwtsvid.ParseInsecure(token, []string{})
+	if err != nil {
+		return ""
+	}
+	if jti, ok := svid.Claims["jti"].(string); ok {
+		return jti
+	}
+	return ""
+}
+
+// ValidateJWTSVID checks a token against the bundle of its trust domain.
+func (s *Server) ValidateJWTSVID(ctx context.Context, req *workloadpb.ValidateJWTSVIDRequest) (*workloadpb.ValidateJWTSVIDResponse, error) {
+	if err := checkHeader(ctx); err != nil {
+		return nil, err
+	}
+	if req.Audience == "" {
+		return nil, status.Error(codes.InvalidArgument, "audience must be specified")
+	}
+	if req.Svid == "" {
+		return nil, status.Error(codes.InvalidArgument, "svid must be specified")
+	}
+	if _, err := s.attest(ctx); err != nil {
+		return nil, err
+	}
+	svid, err := jwtsvid.ParseAndValidate(req.Svid, s.jwtSource(), []string{req.Audience})
+	if err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "invalid JWT-SVID: %v", err)
+	}
+	claims, err := structpb.NewStruct(svid.Claims)
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "encode claims: %v", err)
+	}
+	return &workloadpb.ValidateJWTSVIDResponse{SpiffeId: svid.ID.String(), Claims: claims}, nil
+}
+
+// jwtSource serves our bundle and the federated ones for validation.
+func (s *Server) jwtSource() jwtbundle.Source {
+	set := jwtbundle.NewSet(s.bundle.Bundle().JWTBundle())
+	for _, b := range s.federated() {
+		set.Add(b.JWTBundle())
+	}
+	return set
+}

@@ -1,0 +1,177 @@
+package workloadapi
+
+import (
+	"bytes"
+	"context"
+	"crypto/x509"
+	"encoding/hex"
+	"strings"
+
+	workloadpb "github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"k8s.io/klog/v2"
+
+	"github.com/csi-agent/csi-agent/internal/rules"
+)
+
+// FetchX509SVID streams the caller's X.509-SVIDs: at once, then whenever an
+// SVID rotates, a bundle changes or the rules change.
+func (s *Server) FetchX509SVID(_ *workloadpb.X509SVIDRequest, stream grpc.ServerStreamingServer[workloadpb.X509SVIDResponse]) error {
+	ctx := stream.Context()
+	var (
+		last    *workloadpb.X509SVIDResponse
+		audited map[string]bool // serials in the last message, already audited
+	)
+	for {
+		cacheCh, rulesCh, fedCh := s.svids.Changed(), s.rulesChanged(), s.federationChanged()
+		// Attest again at every change: a stream must stop the moment its
+		// caller is gone or no longer entitled (pod relabelled, volume
+		// unpublished, rules reloaded), not keep receiving rotated keys.
+		c, err := s.attest(ctx)
+		if err != nil {
+			return err
+		}
+		ids, err := s.entitled(c)
+		if err != nil {
+			if last != nil {
+				klog.InfoS("X.509-SVIDs revoked for caller; stream ended", "pid", c.pid, "err", err)
+			}
+			return err
+		}
+		resp, issued, err := s.x509Response(ctx, ids)
+		if err != nil {
+			return err
+		}
+		if last == nil || !sameX509Response(last, resp) {
+			if err := stream.Send(resp); err != nil {
+				return err
+			}
+			now := make(map[string]bool, len(issued))
+			for _, iss := range issued {
+				now[iss.serial] = true
+				if !audited[iss.serial] {
+					klog.InfoS("Issued X.509-SVID", "spiffe_id", iss.id, "serial", iss.serial, "expires", iss.expires, "pid", c.pid, "attributes", c.attrs.String())
+				}
+			}
+			last, audited = resp, now
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-cacheCh:
+		case <-rulesCh:
+		case <-fedCh:
+		}
+	}
+}
+
+type issuedSVID struct {
+	id, serial, expires string
+}
+
+func (s *Server) x509Response(ctx context.Context, ids []rules.Identity) (*workloadpb.X509SVIDResponse, []issuedSVID, error) {
+	own := s.bundle.Bundle()
+	ownDER := concatDER(own.X509Authorities())
+	resp := &workloadpb.X509SVIDResponse{Svids: make([]*workloadpb.X509SVID, 0, len(ids))}
+	issued := make([]issuedSVID, 0, len(ids))
+	for _, id := range ids {
+		svid, err := s.svids.X509SVID(ctx, id.ID, id.DNSNames)
+		if err != nil {
+			klog.ErrorS(err, "Minting X.509-SVID failed", "spiffe_id", id.ID.String())
+			return nil, nil, status.Errorf(codes.Unavailable, "could not mint X.509-SVID for %s: %v", id.ID, err)
+		}
+		enc, err := s.encode(id.ID.String(), id.DNSNames, svid)
+		if err != nil {
+			return nil, nil, status.Errorf(codes.Internal, "encode SVID: %v", err)
+		}
+		resp.Svids = append(resp.Svids, &workloadpb.X509SVID{
+			SpiffeId:    id.ID.String(),
+			X509Svid:    enc.chain,
+			X509SvidKey: enc.key,
+			Bundle:      ownDER,
+			Hint:        id.Hint,
+		})
+		issued = append(issued, enc.issued)
+	}
+	resp.FederatedBundles = s.federatedX509()
+	return resp, issued, nil
+}
+
+// maxEncoded bounds the wire-form cache: far above the identities one node
+// serves at a time.
+const maxEncoded = 4096
+
+type encodedSVID struct {
+	svid   *x509svid.SVID
+	chain  []byte // DER certificates, leaf first
+	key    []byte // PKCS#8
+	issued issuedSVID
+}
+
+// encode returns the wire form of svid, encoding it only when the cache
+// handed out a new SVID for this ID and DNS names.
+func (s *Server) encode(id string, dns []string, svid *x509svid.SVID) (encodedSVID, error) {
+	k := id
+	if len(dns) > 0 {
+		k += "\x00" + strings.Join(dns, "\x00")
+	}
+	s.encMu.RLock()
+	e, ok := s.encoded[k]
+	s.encMu.RUnlock()
+	if ok && e.svid == svid {
+		return e, nil
+	}
+	key, err := x509.MarshalPKCS8PrivateKey(svid.PrivateKey)
+	if err != nil {
+		return encodedSVID{}, err
+	}
+	leaf := svid.Certificates[0]
+	e = encodedSVID{svid: svid, chain: concatDER(svid.Certificates), key: key, issued: issuedSVID{
+		id: id, serial: hex.EncodeToString(leaf.SerialNumber.Bytes()), expires: leaf.NotAfter.UTC().Format("2006-01-02T15:04:05Z"),
+	}}
+	s.encMu.Lock()
+	if len(s.encoded) >= maxEncoded {
+		// Identities come and go with pods; drop the lot rather than keep
+		// keys of workloads long gone. Re-encoding is cheap.
+		clear(s.encoded)
+	}
+	s.encoded[k] = e // replaces the rotated one: one entry per identity
+	s.encMu.Unlock()
+	return e, nil
+}
+
+func sameX509Response(a, b *workloadpb.X509SVIDResponse) bool {
+	if len(a.Svids) != len(b.Svids) || len(a.FederatedBundles) != len(b.FederatedBundles) {
+		return false
+	}
+	for i := range a.Svids {
+		x, y := a.Svids[i], b.Svids[i]
+		if x.SpiffeId != y.SpiffeId || x.Hint != y.Hint || !bytes.Equal(x.X509Svid, y.X509Svid) || !bytes.Equal(x.Bundle, y.Bundle) {
+			return false
+		}
+	}
+	return sameBundleMap(a.FederatedBundles, b.FederatedBundles)
+}
+
+func sameBundleMap(a, b map[string][]byte) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, v := range a {
+		if w, ok := b[k]; !ok || !bytes.Equal(v, w) {
+			return false
+		}
+	}
+	return true
+}
+
+func concatDER(certs []*x509.Certificate) []byte {
+	var b []byte
+	for _, c := range certs {
+		b = append(b, c.Raw...)
+	}
+	return b
+}
