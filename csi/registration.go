@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/csi-agent/csi-agent/internal/unixsock"
 	"net"
 	"os"
 	"path/filepath"
@@ -90,7 +91,6 @@ func ServeRegistration(ctx context.Context, opts RegistrationOptions) error {
 			klog.ErrorS(err, "Re-creating the registration socket failed; will retry", "socket", path)
 			continue
 		}
-		ln.SetUnlinkOnClose(false)
 		_ = ln.Close()
 		ln, ino = newLn, newIno
 		go func(l net.Listener) { _ = srv.Serve(l) }(ln)
@@ -98,8 +98,10 @@ func ServeRegistration(ctx context.Context, opts RegistrationOptions) error {
 	}
 }
 
+// listenRegistration creates the registration socket so that it appears
+// already listening: the kubelet dials it on the create event, once.
 func listenRegistration(path string) (*net.UnixListener, uint64, error) {
-	ln, err := listenKubelet(path)
+	ln, err := unixsock.ListenVisible(path, 0o600, 0o750)
 	if err != nil {
 		return nil, 0, err
 	}

@@ -28,11 +28,14 @@ func (s *Server) FetchJWTBundles(_ *workloadpb.JWTBundlesRequest, stream grpc.Se
 }
 
 // streamBundles sends the bundles at once and again whenever they change,
-// until the client goes away or is no longer entitled.
+// until the client goes away or is no longer entitled. SVID renewals do not
+// concern it: its subscription watches none.
 func (s *Server) streamBundles(ctx context.Context, build func() (map[string][]byte, error), send func(map[string][]byte) error) error {
+	sub := s.svids.Subscribe()
+	defer sub.Close()
 	var last map[string][]byte
 	for {
-		cacheCh, rulesCh, fedCh := s.svids.Changed(), s.rulesChanged(), s.federationChanged()
+		rulesCh, fedCh := s.rulesChanged(), s.federationChanged()
 		// As SPIRE does, bundles go to callers entitled to an identity,
 		// re-checked at every change like the SVID stream.
 		c, err := s.attest(ctx)
@@ -55,7 +58,7 @@ func (s *Server) streamBundles(ctx context.Context, build func() (map[string][]b
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-cacheCh:
+		case <-sub.C():
 		case <-rulesCh:
 		case <-fedCh:
 		}

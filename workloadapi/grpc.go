@@ -12,12 +12,18 @@ import (
 
 // NewGRPCServer returns a gRPC server that reads each client's kernel peer
 // credentials at accept, serves the Workload API and a health service
-// (which carries no identity data, for probes). Buffers are kept small and
-// the write buffer shared so that thousands of idle streams stay cheap.
+// (which carries no identity data, for probes). Idle streams are most of
+// what a node holds open, so per-connection memory is cut where grpc-go
+// allows: no read buffer (the framer reads the socket directly; a Unix
+// socket read is cheap), no HPACK dynamic table for request headers, and a
+// small write buffer shared between connections. What remains per
+// connection is grpc-go's own: four goroutine stacks (reader, writer,
+// keepalive, handler) and its transport state; BENCHMARKS.md has numbers.
 func NewGRPCServer(s *Server) (*grpc.Server, *health.Server) {
 	g := grpc.NewServer(
 		grpc.Creds(peer.Credentials()),
-		grpc.ReadBufferSize(4<<10),
+		grpc.ReadBufferSize(0),
+		grpc.HeaderTableSize(0),
 		grpc.WriteBufferSize(4<<10),
 		grpc.SharedWriteBuffer(true),
 		grpc.InitialWindowSize(64<<10),

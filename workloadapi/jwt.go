@@ -2,6 +2,7 @@ package workloadapi
 
 import (
 	"context"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/jwtbundle"
 	workloadpb "github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
@@ -11,6 +12,8 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/structpb"
 	"k8s.io/klog/v2"
+
+	"github.com/csi-agent/csi-agent/internal/svidcache"
 )
 
 // FetchJWTSVID mints JWT-SVIDs for the requested audience.
@@ -46,18 +49,31 @@ func (s *Server) FetchJWTSVID(ctx context.Context, req *workloadpb.JWTSVIDReques
 		if !want.IsZero() && id.ID != want {
 			continue
 		}
-		token, expires, err := s.svids.JWTSVID(ctx, id.ID, req.Audience)
+		jwt, minted, err := s.svids.JWTSVID(ctx, id.ID, req.Audience)
 		if err != nil {
 			klog.ErrorS(err, "Minting JWT-SVID failed", "spiffe_id", id.ID.String())
 			return nil, status.Errorf(codes.Unavailable, "could not mint JWT-SVID for %s: %v", id.ID, err)
 		}
-		resp.Svids = append(resp.Svids, &workloadpb.JWTSVID{SpiffeId: id.ID.String(), Svid: token, Hint: id.Hint})
-		klog.InfoS("Issued JWT-SVID", "spiffe_id", id.ID.String(), "jti", jwtID(token), "audience", req.Audience, "expires", expires.UTC().Format("2006-01-02T15:04:05Z"), "pid", c.pid, "attributes", c.attrs.String())
+		resp.Svids = append(resp.Svids, &workloadpb.JWTSVID{SpiffeId: id.ID.String(), Svid: jwt.Token, Hint: id.Hint})
+		// The audit line: one per mint, with the caller that caused it;
+		// the cached token handed to further callers only at -v=1, so a
+		// busy node does not flood its log pipeline.
+		switch v := klog.V(1); {
+		case minted:
+			klog.InfoS("Issued JWT-SVID", jwtAudit(id.ID, jwt, req.Audience, c)...)
+		case v.Enabled():
+			v.InfoS("Sent cached JWT-SVID", jwtAudit(id.ID, jwt, req.Audience, c)...)
+		}
 	}
 	if len(resp.Svids) == 0 {
 		return nil, status.Errorf(codes.PermissionDenied, "caller is not entitled to %s", req.SpiffeId)
 	}
 	return resp, nil
+}
+
+func jwtAudit(id spiffeid.ID, jwt svidcache.JWT, audience []string, c caller) []any {
+	return []any{"spiffe_id", id.String(), "jti", jwtID(jwt.Token), "audience", audience,
+		"expires", jwt.Expires.UTC().Format(time.RFC3339), "pid", c.pid, "attributes", c.attrs.String()}
 }
 
 // jwtID reads the jti of a token we minted ourselves, for the audit line.

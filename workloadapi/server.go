@@ -23,6 +23,7 @@ import (
 	"github.com/csi-agent/csi-agent/attestor"
 	"github.com/csi-agent/csi-agent/internal/federation"
 	"github.com/csi-agent/csi-agent/internal/rules"
+	"github.com/csi-agent/csi-agent/internal/svidcache"
 )
 
 // Attestor establishes the facts about the process with the given PID from
@@ -45,12 +46,14 @@ type BundleSource interface {
 	Bundle() *spiffebundle.Bundle
 }
 
-// SVIDSource hands out SVIDs, minted once and shared between callers.
+// SVIDSource hands out SVIDs, minted once and shared between callers;
+// minted tells the one call that minted, to audit.
 type SVIDSource interface {
-	X509SVID(ctx context.Context, id spiffeid.ID, dnsNames []string) (*x509svid.SVID, error)
-	JWTSVID(ctx context.Context, id spiffeid.ID, audience []string) (token string, expires time.Time, err error)
-	// Changed is closed on the next change a subscriber must react to.
-	Changed() <-chan struct{}
+	X509SVID(ctx context.Context, id spiffeid.ID, dnsNames []string) (svid *x509svid.SVID, minted bool, err error)
+	JWTSVID(ctx context.Context, id spiffeid.ID, audience []string) (jwt svidcache.JWT, minted bool, err error)
+	// Subscribe wakes a stream when an SVID it watches is renewed, or
+	// everything changed (bundle, intermediate).
+	Subscribe() *svidcache.Subscription
 }
 
 // Options configure a Server.

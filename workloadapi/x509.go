@@ -15,18 +15,22 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/csi-agent/csi-agent/internal/rules"
+	"github.com/csi-agent/csi-agent/internal/svidcache"
 )
 
-// FetchX509SVID streams the caller's X.509-SVIDs: at once, then whenever an
-// SVID rotates, a bundle changes or the rules change.
+// FetchX509SVID streams the caller's X.509-SVIDs: at once, then whenever
+// one of them rotates, a bundle changes or the rules change.
 func (s *Server) FetchX509SVID(_ *workloadpb.X509SVIDRequest, stream grpc.ServerStreamingServer[workloadpb.X509SVIDResponse]) error {
 	ctx := stream.Context()
+	// Subscribed before anything is read, so that no change slips between.
+	sub := s.svids.Subscribe()
+	defer sub.Close()
 	var (
-		last    *workloadpb.X509SVIDResponse
-		audited map[string]bool // serials in the last message, already audited
+		last *workloadpb.X509SVIDResponse
+		sent map[string]bool // serials in the last message
 	)
 	for {
-		cacheCh, rulesCh, fedCh := s.svids.Changed(), s.rulesChanged(), s.federationChanged()
+		rulesCh, fedCh := s.rulesChanged(), s.federationChanged()
 		// Attest again at every change: a stream must stop the moment its
 		// caller is gone or no longer entitled (pod relabelled, volume
 		// unpublished, rules reloaded), not keep receiving rotated keys.
@@ -41,9 +45,19 @@ func (s *Server) FetchX509SVID(_ *workloadpb.X509SVIDRequest, stream grpc.Server
 			}
 			return err
 		}
+		// Watch what this caller holds before reading it: a renewal of
+		// those, and only those, wakes this stream.
+		sub.Watch(x509Keys(ids))
 		resp, issued, err := s.x509Response(ctx, ids)
 		if err != nil {
 			return err
+		}
+		// The audit line: one per mint, naming the caller that caused it.
+		// Renewals ahead of demand are audited by the cache.
+		for _, iss := range issued {
+			if iss.minted {
+				klog.InfoS("Issued X.509-SVID", "spiffe_id", iss.id, "serial", iss.serial, "expires", iss.expires, "pid", c.pid, "attributes", c.attrs.String())
+			}
 		}
 		if last == nil || !sameX509Response(last, resp) {
 			if err := stream.Send(resp); err != nil {
@@ -52,24 +66,33 @@ func (s *Server) FetchX509SVID(_ *workloadpb.X509SVIDRequest, stream grpc.Server
 			now := make(map[string]bool, len(issued))
 			for _, iss := range issued {
 				now[iss.serial] = true
-				if !audited[iss.serial] {
-					klog.InfoS("Issued X.509-SVID", "spiffe_id", iss.id, "serial", iss.serial, "expires", iss.expires, "pid", c.pid, "attributes", c.attrs.String())
+				if !iss.minted && !sent[iss.serial] {
+					klog.V(1).InfoS("Sent X.509-SVID", "spiffe_id", iss.id, "serial", iss.serial, "expires", iss.expires, "pid", c.pid, "attributes", c.attrs.String())
 				}
 			}
-			last, audited = resp, now
+			last, sent = resp, now
 		}
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-cacheCh:
+		case <-sub.C():
 		case <-rulesCh:
 		case <-fedCh:
 		}
 	}
 }
 
+func x509Keys(ids []rules.Identity) []svidcache.X509Key {
+	keys := make([]svidcache.X509Key, len(ids))
+	for i, id := range ids {
+		keys[i] = svidcache.X509Key{ID: id.ID, DNSNames: id.DNSNames}
+	}
+	return keys
+}
+
 type issuedSVID struct {
 	id, serial, expires string
+	minted              bool // by this call
 }
 
 func (s *Server) x509Response(ctx context.Context, ids []rules.Identity) (*workloadpb.X509SVIDResponse, []issuedSVID, error) {
@@ -78,7 +101,7 @@ func (s *Server) x509Response(ctx context.Context, ids []rules.Identity) (*workl
 	resp := &workloadpb.X509SVIDResponse{Svids: make([]*workloadpb.X509SVID, 0, len(ids))}
 	issued := make([]issuedSVID, 0, len(ids))
 	for _, id := range ids {
-		svid, err := s.svids.X509SVID(ctx, id.ID, id.DNSNames)
+		svid, minted, err := s.svids.X509SVID(ctx, id.ID, id.DNSNames)
 		if err != nil {
 			klog.ErrorS(err, "Minting X.509-SVID failed", "spiffe_id", id.ID.String())
 			return nil, nil, status.Errorf(codes.Unavailable, "could not mint X.509-SVID for %s: %v", id.ID, err)
@@ -94,7 +117,9 @@ func (s *Server) x509Response(ctx context.Context, ids []rules.Identity) (*workl
 			Bundle:      ownDER,
 			Hint:        id.Hint,
 		})
-		issued = append(issued, enc.issued)
+		iss := enc.issued
+		iss.minted = minted
+		issued = append(issued, iss)
 	}
 	resp.FederatedBundles = s.federatedX509()
 	return resp, issued, nil

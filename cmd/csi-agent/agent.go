@@ -21,6 +21,7 @@ import (
 	"github.com/csi-agent/csi-agent/internal/ca"
 	"github.com/csi-agent/csi-agent/internal/config"
 	"github.com/csi-agent/csi-agent/internal/federation"
+	"github.com/csi-agent/csi-agent/internal/fsutil"
 	"github.com/csi-agent/csi-agent/internal/records"
 	"github.com/csi-agent/csi-agent/internal/rules"
 	"github.com/csi-agent/csi-agent/internal/svidcache"
@@ -67,6 +68,14 @@ func runAgentConfig(ctx context.Context, cfg config.Config, opts agentOptions) e
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("create state dir: %w", err)
 	}
+	// Before anything is created there: two agents on one state dir would
+	// otherwise each make a CA, and the survivor could serve a root that is
+	// not the one on disk.
+	stateLock, err := fsutil.Lock(cfg.StateDir)
+	if err != nil {
+		return fmt.Errorf("state dir: %w", err)
+	}
+	defer stateLock.Close()
 	auth, err := ca.New(ctx, cfg.CAOptions(td))
 	if err != nil {
 		return fmt.Errorf("start CA: %w", err)

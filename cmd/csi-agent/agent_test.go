@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -13,6 +15,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/csi-agent/csi-agent/internal/config"
+	"github.com/csi-agent/csi-agent/internal/fsutil"
 	"github.com/csi-agent/csi-agent/internal/rules"
 )
 
@@ -159,5 +162,57 @@ func TestReloadStormCoalesces(t *testing.T) {
 	}
 	if n := h.reads.Load(); n != 1 {
 		t.Fatalf("%d config reads for one storm, want 1", n)
+	}
+}
+
+// Two agents started at once on one state dir: one runs, the other stops
+// before it creates anything.
+func TestOneAgentPerStateDir(t *testing.T) {
+	state := filepath.Join(t.TempDir(), "state")
+	type result struct {
+		err     error
+		started bool
+	}
+	results := make(chan result, 2)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	for i := range 2 {
+		cfg, err := config.FromArgs([]string{"--state-dir", state, "--workload-api-socket-dir", filepath.Join(t.TempDir(), fmt.Sprint("s", i))}, func(string) string { return "" }, io.Discard)
+		if err != nil {
+			t.Fatal(err)
+		}
+		go func() {
+			started := make(chan struct{})
+			done := make(chan error, 1)
+			go func() {
+				done <- runAgentConfig(ctx, cfg, agentOptions{version: "test", started: func() { close(started) }})
+			}()
+			select {
+			case <-started:
+				results <- result{started: true}
+				<-done
+			case err := <-done:
+				results <- result{err: err}
+			}
+		}()
+	}
+	var ran, refused int
+	for range 2 {
+		select {
+		case r := <-results:
+			switch {
+			case r.started:
+				ran++
+			case errors.Is(r.err, fsutil.ErrLocked):
+				refused++
+			default:
+				t.Errorf("agent failed otherwise: %v", r.err)
+			}
+		case <-time.After(20 * time.Second):
+			t.Fatal("agents neither started nor failed")
+		}
+	}
+	if ran != 1 || refused != 1 {
+		t.Fatalf("%d ran, %d refused; want one each", ran, refused)
 	}
 }

@@ -55,7 +55,6 @@ type entry struct {
 
 const (
 	journalName = "records.log"
-	lockName    = "lock"
 	// Compact once the journal holds this many more lines than live records.
 	compactSlack = 1024
 )
@@ -81,13 +80,9 @@ func Open(dir string) (*Store, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create records dir: %w", err)
 	}
-	lock, err := os.OpenFile(filepath.Join(dir, lockName), os.O_CREATE|os.O_RDWR, 0o600)
+	lock, err := fsutil.Lock(dir)
 	if err != nil {
-		return nil, fmt.Errorf("open records lock: %w", err)
-	}
-	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		lock.Close()
-		return nil, fmt.Errorf("records dir %s is in use by another process (is another agent running?): %w", dir, err)
+		return nil, fmt.Errorf("records dir: %w", err)
 	}
 	s := newStore(dir)
 	s.lock = lock
@@ -96,10 +91,38 @@ func Open(dir string) (*Store, error) {
 		return nil, err
 	}
 	if err := s.compactLocked(); err != nil {
-		lock.Close()
-		return nil, err
+		// A full disk must not keep the node's pods from identities: the
+		// journal replayed fine, so serve from it and compact later.
+		klog.ErrorS(err, "Compacting the records journal failed; starting on the journal as it is", "path", dir)
+		if s.journal == nil {
+			if err := s.reopenJournalLocked(); err != nil {
+				lock.Close()
+				return nil, err
+			}
+		}
 	}
 	return s, nil
+}
+
+// reopenJournalLocked opens the replayed journal for appending, cut back to
+// its last whole line so that a torn tail does not swallow the next one.
+func (s *Store) reopenJournalLocked() error {
+	f, err := os.OpenFile(filepath.Join(s.dir, journalName), os.O_RDWR|os.O_APPEND|os.O_CREATE, 0o600)
+	if err != nil {
+		return fmt.Errorf("open records journal: %w", err)
+	}
+	fi, err := f.Stat()
+	if err == nil && fi.Size() > s.size {
+		if err = f.Truncate(s.size); err == nil {
+			err = f.Sync()
+		}
+	}
+	if err != nil {
+		f.Close()
+		return fmt.Errorf("cut back records journal: %w", err)
+	}
+	s.journal = f
+	return nil
 }
 
 // Load reads the records in dir without taking or changing anything, for
@@ -132,11 +155,17 @@ func (s *Store) replay(path string) error {
 		}
 		var e entry
 		err := json.Unmarshal(bytes.TrimSuffix(line, []byte("\n")), &e)
+		if err == nil && !bytes.HasSuffix(line, []byte("\n")) {
+			// Acknowledged lines end in a newline: this write was cut short.
+			err = errors.New("no newline")
+		}
 		if err == nil {
 			err = s.apply(e)
 		}
 		switch {
 		case err == nil:
+			s.size += int64(len(line))
+			s.lines++
 		case last:
 			// The last append never completed (no newline, or a write cut
 			// short): it was never acknowledged, so dropping it loses nothing.

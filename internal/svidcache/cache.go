@@ -47,10 +47,9 @@ type Cache struct {
 	auth  *ca.Authority
 	clock clock.Clock
 
-	mu      sync.RWMutex
-	x509    table[*x509svid.SVID]
-	jwt     table[jwtToken]
-	changed chan struct{}
+	mu   sync.RWMutex
+	x509 table[*x509svid.SVID]
+	jwt  table[JWT]
 
 	// subMu guards the subscriptions; it is never held while taking mu.
 	subMu    sync.Mutex
@@ -61,9 +60,10 @@ type Cache struct {
 	mints atomic.Int64  // minting calls made, for tests
 }
 
-type jwtToken struct {
-	token     string
-	expiresAt time.Time
+// JWT is a JWT-SVID and its expiry.
+type JWT struct {
+	Token   string
+	Expires time.Time
 }
 
 // request is what an entry is minted from: DNS names for X.509-SVIDs, the
@@ -116,7 +116,6 @@ func New(auth *ca.Authority, opts Options) *Cache {
 	c := &Cache{
 		auth:    auth,
 		clock:   opts.Clock,
-		changed:  make(chan struct{}),
 		subs:     map[*Subscription]struct{}{},
 		watchers: map[key]map[*Subscription]struct{}{},
 		wake:     make(chan struct{}, 1),
@@ -130,9 +129,9 @@ func New(auth *ca.Authority, opts Options) *Cache {
 		mint:        c.mintX509,
 		wakeHolders: true,
 	}
-	c.jwt = table[jwtToken]{
-		entries: map[key]*entry[jwtToken]{},
-		flights: map[key]*flight[jwtToken]{},
+	c.jwt = table[JWT]{
+		entries: map[key]*entry[JWT]{},
+		flights: map[key]*flight[JWT]{},
 		mint:    c.mintJWT,
 		limit:   maxJWTEntries,
 	}
@@ -141,41 +140,22 @@ func New(auth *ca.Authority, opts Options) *Cache {
 
 // X509SVID returns the cached X.509-SVID for id and dnsNames (order, case and
 // duplicates of the names do not matter), minting it on first use or once
-// past half its lifetime.
-func (c *Cache) X509SVID(ctx context.Context, id spiffeid.ID, dnsNames []string) (*x509svid.SVID, error) {
-	svid, _, err := get(ctx, c, &c.x509, x509Key(id, dnsNames), request{id, dnsNames})
-	return svid, err
+// past half its lifetime. minted reports that this call minted it, so that
+// the caller can audit the mint once with who caused it; every other
+// caller shares the result.
+func (c *Cache) X509SVID(ctx context.Context, id spiffeid.ID, dnsNames []string) (svid *x509svid.SVID, minted bool, err error) {
+	return get(ctx, c, &c.x509, x509Key(id, dnsNames), request{id, dnsNames})
 }
 
 // JWTSVID returns a cached JWT-SVID for id and the audience set, minting one
-// on first use or once past half its lifetime.
-func (c *Cache) JWTSVID(ctx context.Context, id spiffeid.ID, audience []string) (string, time.Time, error) {
-	t, _, err := get(ctx, c, &c.jwt, key{id.String(), canonical(audience, false)}, request{id, audience})
-	return t.token, t.expiresAt, err
+// on first use or once past half its lifetime; minted as for X509SVID.
+func (c *Cache) JWTSVID(ctx context.Context, id spiffeid.ID, audience []string) (jwt JWT, minted bool, err error) {
+	return get(ctx, c, &c.jwt, key{id.String(), canonical(audience, false)}, request{id, audience})
 }
 
-// Changed returns a channel closed on the next change subscribers must react
-// to: a cached X.509-SVID was renewed, the bundle or signing intermediate
-// changed (while Run runs), or Notify was called. Call it again after it fires.
-func (c *Cache) Changed() <-chan struct{} {
-	c.mu.RLock()
-	defer c.mu.RUnlock()
-	return c.changed
-}
-
-// Notify wakes every subscription and fires Changed: everything may have
-// changed, for example after a configuration reload.
-func (c *Cache) Notify() {
-	c.fireChanged()
-	c.wakeAll()
-}
-
-func (c *Cache) fireChanged() {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	close(c.changed)
-	c.changed = make(chan struct{})
-}
+// Notify wakes every subscription: everything may have changed, for
+// example after a configuration reload.
+func (c *Cache) Notify() { c.wakeAll() }
 
 // get returns the entry's value; minted reports that this call minted it.
 func get[V any](ctx context.Context, c *Cache, t *table[V], k key, req request) (_ V, minted bool, _ error) {
@@ -270,9 +250,6 @@ func renew[V any](ctx context.Context, c *Cache, t *table[V], k key, req request
 		// Also on a first mint: an entry evicted and minted again may
 		// still have holders of the old one.
 		c.wakeHolders(k)
-		if old != nil {
-			c.fireChanged()
-		}
 	}
 	if minted && old == nil {
 		select {
@@ -291,12 +268,12 @@ func (c *Cache) mintX509(ctx context.Context, req request) (*x509svid.SVID, time
 	return svid, svid.Certificates[0].NotAfter, nil
 }
 
-func (c *Cache) mintJWT(ctx context.Context, req request) (jwtToken, time.Time, error) {
+func (c *Cache) mintJWT(ctx context.Context, req request) (JWT, time.Time, error) {
 	token, exp, err := c.auth.MintJWTSVID(ctx, req.id, req.extra)
 	if err != nil {
-		return jwtToken{}, time.Time{}, err
+		return JWT{}, time.Time{}, err
 	}
-	return jwtToken{token, exp}, exp, nil
+	return JWT{token, exp}, exp, nil
 }
 
 // canonical encodes a set of strings as a map key: sorted, deduplicated and

@@ -59,7 +59,7 @@ func (f *fixture) run(t *testing.T) {
 
 func (f *fixture) x509(t *testing.T, id spiffeid.ID, dns ...string) *x509svid.SVID {
 	t.Helper()
-	s, err := f.cache.X509SVID(context.Background(), id, dns)
+	s, _, err := f.cache.X509SVID(context.Background(), id, dns)
 	if err != nil {
 		t.Fatalf("X509SVID(%s, %v): %v", id, dns, err)
 	}
@@ -71,14 +71,28 @@ func (f *fixture) x509(t *testing.T, id spiffeid.ID, dns ...string) *x509svid.SV
 
 func (f *fixture) jwt(t *testing.T, id spiffeid.ID, aud ...string) string {
 	t.Helper()
-	token, _, err := f.cache.JWTSVID(context.Background(), id, aud)
+	jwt, _, err := f.cache.JWTSVID(context.Background(), id, aud)
 	if err != nil {
 		t.Fatalf("JWTSVID(%s, %v): %v", id, aud, err)
 	}
+	token := jwt.Token
 	if _, err := jwtsvid.ParseAndValidate(token, f.auth.Bundle(), aud[:1]); err != nil {
 		t.Fatalf("cached JWT-SVID does not validate: %v", err)
 	}
 	return token
+}
+
+// watch subscribes to renewals of ids; with none, to what concerns all.
+func (f *fixture) watch(t *testing.T, ids ...spiffeid.ID) *Subscription {
+	t.Helper()
+	s := f.cache.Subscribe()
+	t.Cleanup(s.Close)
+	keys := make([]X509Key, 0, len(ids))
+	for _, id := range ids {
+		keys = append(keys, X509Key{ID: id})
+	}
+	s.Watch(keys)
+	return s
 }
 
 func (f *fixture) waitForTimer(t *testing.T) {
@@ -156,7 +170,7 @@ func TestX509SVIDCacheKeys(t *testing.T) {
 func TestX509SVIDRenewedPastHalfLife(t *testing.T) {
 	f := newFixture(t, nil)
 	first := f.x509(t, webID)
-	changed := f.cache.Changed()
+	changed := f.watch(t, webID).C()
 
 	f.fc.Step(29 * time.Minute)
 	if f.x509(t, webID) != first {
@@ -181,7 +195,7 @@ func TestRunRenewsAtHalfLife(t *testing.T) {
 	f.run(t)
 	first := f.x509(t, webID)
 	f.x509(t, dbID)
-	changed := f.cache.Changed()
+	changed := f.watch(t, webID).C()
 
 	f.waitForTimer(t)
 	f.fc.Step(31 * time.Minute)
@@ -236,8 +250,8 @@ func TestRunKeepsEntriesInUse(t *testing.T) {
 	f.run(t)
 	f.x509(t, webID)
 	// A subscriber re-reads on every change, as a Workload API stream does.
+	ch := f.watch(t, webID).C()
 	for i := 0; i < 8; i++ {
-		ch := f.cache.Changed()
 		f.waitForTimer(t)
 		f.fc.Step(31 * time.Minute)
 		waitClosed(t, ch, "Changed")
@@ -256,7 +270,7 @@ func TestRunForwardsAuthorityChanges(t *testing.T) {
 	go func() { defer close(authDone); _ = f.auth.Run(ctx) }()
 	t.Cleanup(func() { cancel(); <-authDone })
 
-	changed := f.cache.Changed()
+	changed := f.watch(t).C()
 	f.waitForTimer(t) // the authority's rotation timer; the empty cache has none
 	f.fc.Step(31 * time.Minute)
 	waitClosed(t, changed, "Changed forwarded from the authority")
@@ -264,12 +278,12 @@ func TestRunForwardsAuthorityChanges(t *testing.T) {
 
 func TestNotify(t *testing.T) {
 	f := newFixture(t, nil)
-	ch := f.cache.Changed()
+	ch := f.watch(t).C()
 	f.cache.Notify()
-	waitClosed(t, ch, "Changed after Notify")
-	if next := f.cache.Changed(); next == ch {
-		t.Error("Changed not replaced after firing")
-	}
+	waitClosed(t, ch, "wake-up after Notify")
+	notClosed(t, ch, "a second wake-up from one Notify")
+	f.cache.Notify()
+	waitClosed(t, ch, "wake-up after the next Notify")
 }
 
 func TestConcurrentCallersMintOnce(t *testing.T) {
@@ -279,7 +293,8 @@ func TestConcurrentCallersMintOnce(t *testing.T) {
 		wg     sync.WaitGroup
 		start  = make(chan struct{})
 		svids  = make([]*x509svid.SVID, n)
-		tokens = make([]string, n)
+		tokens = make([]JWT, n)
+		minted = make([]bool, 2*n)
 		errs   = make([]error, 2*n)
 	)
 	for i := range n {
@@ -287,12 +302,12 @@ func TestConcurrentCallersMintOnce(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			<-start
-			svids[i], errs[i] = f.cache.X509SVID(context.Background(), webID, nil)
+			svids[i], minted[i], errs[i] = f.cache.X509SVID(context.Background(), webID, nil)
 		}()
 		go func() {
 			defer wg.Done()
 			<-start
-			tokens[i], _, errs[n+i] = f.cache.JWTSVID(context.Background(), webID, []string{"api"})
+			tokens[i], minted[n+i], errs[n+i] = f.cache.JWTSVID(context.Background(), webID, []string{"api"})
 		}()
 	}
 	close(start)
@@ -307,6 +322,10 @@ func TestConcurrentCallersMintOnce(t *testing.T) {
 	}
 	if m := f.cache.mints.Load(); m != 2 {
 		t.Errorf("%d mints for %d concurrent callers of two uncached keys, want 2", m, 2*n)
+	}
+	// Exactly one caller per key is told it minted: the one to audit.
+	if x, j := count(minted[:n]), count(minted[n:]); x != 1 || j != 1 {
+		t.Errorf("minted reported to %d X.509 and %d JWT callers, want 1 and 1", x, j)
 	}
 }
 
@@ -342,7 +361,7 @@ func TestErrorsAreNotCached(t *testing.T) {
 	f := newFixture(t, nil)
 	foreign := spiffeid.RequireFromString("spiffe://evil.org/x")
 	for range 2 {
-		if _, err := f.cache.X509SVID(context.Background(), foreign, nil); err == nil {
+		if _, _, err := f.cache.X509SVID(context.Background(), foreign, nil); err == nil {
 			t.Fatal("minted for a foreign trust domain")
 		}
 	}
@@ -383,7 +402,7 @@ func TestRenewalFailureServesValidSVID(t *testing.T) {
 	}
 
 	f.fc.Step(30 * time.Minute) // past the leaf's expiry
-	if s, err := f.cache.X509SVID(context.Background(), webID, nil); err == nil {
+	if s, _, err := f.cache.X509SVID(context.Background(), webID, nil); err == nil {
 		t.Fatalf("served an expired SVID (NotAfter %s)", s.Certificates[0].NotAfter)
 	}
 
@@ -392,6 +411,57 @@ func TestRenewalFailureServesValidSVID(t *testing.T) {
 	failing.Unlock()
 	if f.x509(t, webID) == first {
 		t.Error("recovered cache still serves the old SVID")
+	}
+}
+
+func count(bs []bool) int {
+	n := 0
+	for _, b := range bs {
+		if b {
+			n++
+		}
+	}
+	return n
+}
+
+// minted is true exactly for the call that minted: the first, and the first
+// past half life; never for a cache hit or a failed renewal served from
+// the previous SVID.
+func TestMintedReported(t *testing.T) {
+	f := newFixture(t, nil)
+	ctx := context.Background()
+	steps := []struct {
+		name    string
+		advance time.Duration
+		x509    bool
+		jwt     bool
+	}{
+		{"first use", 0, true, true},
+		{"cache hit", time.Minute, false, false},
+		{"JWT past half life", 2 * time.Minute, false, true},
+		{"X.509 past half life", 30 * time.Minute, true, true},
+		{"hit after renewal", time.Second, false, false},
+	}
+	for _, st := range steps {
+		f.fc.Step(st.advance)
+		_, x, err := f.cache.X509SVID(ctx, webID, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, j, err := f.cache.JWTSVID(ctx, webID, []string{"api"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if x != st.x509 || j != st.jwt {
+			t.Errorf("%s: minted X.509 %v, JWT %v; want %v, %v", st.name, x, j, st.x509, st.jwt)
+		}
+	}
+	f.cache.x509.mint = func(context.Context, request) (*x509svid.SVID, time.Time, error) {
+		return nil, time.Time{}, errors.New("signer unavailable")
+	}
+	f.fc.Step(31 * time.Minute)
+	if _, minted, err := f.cache.X509SVID(ctx, webID, nil); err != nil || minted {
+		t.Errorf("failed renewal served the previous SVID with minted %v, err %v; want false, nil", minted, err)
 	}
 }
 
@@ -419,13 +489,13 @@ func TestCanonical(t *testing.T) {
 func BenchmarkX509SVIDCached(b *testing.B) {
 	f := newFixture(b, nil)
 	ctx := context.Background()
-	if _, err := f.cache.X509SVID(ctx, webID, nil); err != nil {
+	if _, _, err := f.cache.X509SVID(ctx, webID, nil); err != nil {
 		b.Fatal(err)
 	}
 	b.Run("serial", func(b *testing.B) {
 		b.ReportAllocs()
 		for b.Loop() {
-			if _, err := f.cache.X509SVID(ctx, webID, nil); err != nil {
+			if _, _, err := f.cache.X509SVID(ctx, webID, nil); err != nil {
 				b.Fatal(err)
 			}
 		}
@@ -434,7 +504,7 @@ func BenchmarkX509SVIDCached(b *testing.B) {
 		b.ReportAllocs()
 		b.RunParallel(func(pb *testing.PB) {
 			for pb.Next() {
-				if _, err := f.cache.X509SVID(ctx, webID, nil); err != nil {
+				if _, _, err := f.cache.X509SVID(ctx, webID, nil); err != nil {
 					b.Error(err)
 					return
 				}
@@ -443,12 +513,12 @@ func BenchmarkX509SVIDCached(b *testing.B) {
 	})
 	b.Run("with-dns", func(b *testing.B) {
 		dns := []string{"web.example.org", "api.example.org"}
-		if _, err := f.cache.X509SVID(ctx, webID, dns); err != nil {
+		if _, _, err := f.cache.X509SVID(ctx, webID, dns); err != nil {
 			b.Fatal(err)
 		}
 		b.ReportAllocs()
 		for b.Loop() {
-			if _, err := f.cache.X509SVID(ctx, webID, dns); err != nil {
+			if _, _, err := f.cache.X509SVID(ctx, webID, dns); err != nil {
 				b.Fatal(err)
 			}
 		}

@@ -217,7 +217,7 @@ func TestSubscriptionMissesNoRenewal(t *testing.T) {
 			defer s.Close()
 			for {
 				s.Watch([]X509Key{{ID: webID}})
-				svid, err := f.cache.X509SVID(context.Background(), webID, nil)
+				svid, _, err := f.cache.X509SVID(context.Background(), webID, nil)
 				if err != nil {
 					errs <- err
 					return

@@ -8,9 +8,11 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"math/rand/v2"
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -113,4 +115,28 @@ func Serve(ctx context.Context, srv *grpc.Server, ln net.Listener, timeout time.
 	GracefulStop(srv, timeout)
 	<-errc
 	return nil
+}
+
+// ListenVisible is Listen for sockets that a watcher dials as soon as the
+// file appears (the kubelet's plugin watcher, which does not retry): the
+// socket is made under a hidden name, which watchers ignore, and renamed to
+// path once it accepts connections. Closing the listener leaves path in
+// place; the caller removes it.
+func ListenVisible(path string, mode, dirMode os.FileMode) (*net.UnixListener, error) {
+	if err := removeStale(path); err != nil {
+		return nil, err
+	}
+	// Short, so that it fits sun_path wherever path does.
+	hidden := filepath.Join(filepath.Dir(path), "."+strconv.FormatUint(uint64(rand.Uint32()), 36))
+	ln, err := Listen(hidden, mode, dirMode)
+	if err != nil {
+		return nil, err
+	}
+	ln.SetUnlinkOnClose(false)
+	if err := os.Rename(hidden, path); err != nil {
+		_ = ln.Close()
+		_ = os.Remove(hidden)
+		return nil, fmt.Errorf("publish socket %s: %w", path, err)
+	}
+	return ln, nil
 }

@@ -2,6 +2,7 @@ package unixsock
 
 import (
 	"context"
+	"fmt"
 	"errors"
 	"io/fs"
 	"net"
@@ -303,5 +304,48 @@ func TestServeReportsServeFailure(t *testing.T) {
 	err := Serve(context.Background(), srv, ln, time.Second)
 	if err == nil || !strings.Contains(err.Error(), ln.Addr().String()) {
 		t.Fatalf("Serve on a closed listener = %v, want an error naming the socket", err)
+	}
+}
+
+// A watcher that dials the moment the file appears must find it listening.
+func TestListenVisibleAppearsListening(t *testing.T) {
+	dir := t.TempDir()
+	for i := range 50 {
+		path := filepath.Join(dir, fmt.Sprintf("p%d.sock", i))
+		dialed := make(chan error, 1)
+		go func() {
+			for {
+				if _, err := os.Lstat(path); err == nil {
+					c, err := net.Dial("unix", path)
+					if err == nil {
+						c.Close()
+					}
+					dialed <- err
+					return
+				}
+			}
+		}()
+		ln, err := ListenVisible(path, 0o600, 0o700)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := <-dialed; err != nil {
+			t.Fatalf("dial on appearance: %v", err)
+		}
+		ln.Close()
+		if _, err := os.Lstat(path); err != nil {
+			t.Fatalf("closing removed %s: the caller owns it", path)
+		}
+	}
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), ".") {
+			t.Errorf("hidden socket %s left behind", e.Name())
+		}
+	}
+	live := filepath.Join(dir, "live.sock")
+	liveSocket(t, live)
+	if _, err := ListenVisible(live, 0o600, 0o700); !errors.Is(err, ErrInUse) {
+		t.Fatalf("ListenVisible over a live server: %v", err)
 	}
 }

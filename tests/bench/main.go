@@ -11,7 +11,9 @@
 // -rss-streams open streams, then -rot-streams streams held by -identities
 // client processes running as uids 20000.., with X.509-SVIDs of -ttl
 // rotating -rotations times: agent CPU and read syscalls per rotation, and
-// whether every stream received every rotation. -bins runs prebuilt
+// whether every stream received every rotation; -rot-streams 0 skips that,
+// -floor adds a bare gRPC server's RSS (default and tuned buffers). -bins
+// runs prebuilt
 // binaries side by side, interleaved:
 //
 //	go run ./tests/bench -mode streams -bins old=/tmp/before/csi-agent,new=/tmp/new/csi-agent
@@ -51,6 +53,8 @@ func main() {
 		sock     = flag.String("sock", "", "internal: the client's agent socket")
 		cstreams = flag.Int("client-streams", 0, "internal: the client's stream count")
 		cperconn = flag.Int("client-per-conn", 1, "internal: the client's streams per connection")
+		canned   = flag.String("canned", "", "internal: serve a canned FetchX509SVID on this socket")
+		ctuned   = flag.Bool("canned-tuned", false, "internal: the canned server uses the agent's gRPC buffer settings")
 	)
 	flag.IntVar(&cfg.rssStreams, "rss-streams", 5000, "streams: open streams for the RSS measurement")
 	flag.IntVar(&cfg.rotStreams, "rot-streams", 10000, "streams: open streams while SVIDs rotate")
@@ -58,6 +62,7 @@ func main() {
 	flag.DurationVar(&cfg.ttl, "ttl", time.Minute, "streams: X.509-SVID lifetime (renewed at half)")
 	flag.IntVar(&cfg.rotations, "rotations", 3, "streams: half lives to measure")
 	flag.IntVar(&cfg.perConn, "streams-per-conn", 0, "streams: streams per connection in the rotation phase (0: one, or as few as RLIMIT_NOFILE allows)")
+	flag.BoolVar(&cfg.floor, "floor", false, "streams: also measure a bare gRPC server with canned responses, default and tuned buffers (RSS phase only)")
 	flag.IntVar(&cfg.rounds, "rounds", 1, "streams: rounds over all binaries, order alternating")
 	flag.Parse()
 	cfg.n = *n
@@ -66,6 +71,8 @@ func main() {
 	switch {
 	case *client:
 		err = runClient(*sock, *cstreams, *cperconn)
+	case *canned != "":
+		err = runCanned(*canned, *ctuned)
 	case *mode == "classic":
 		err = withBinaries(*binsFlag, func(bins []namedBin) error {
 			for _, b := range bins {

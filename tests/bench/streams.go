@@ -29,6 +29,7 @@ type streamsConfig struct {
 	rotations  int           // half lives measured
 	perConn    int           // streams per connection in the rotation phase; 0: as few as the fd limit allows
 	rounds     int
+	floor      bool // add canned gRPC servers to the RSS phase
 }
 
 // firstUID is the uid of the first stream client; client i runs as
@@ -45,9 +46,9 @@ type rssResult struct {
 // open (one connection each, from this process, all one identity), then a
 // rules reload that makes every stream re-attest once, to learn what one
 // re-attestation costs in read syscalls and CPU.
-func rssPhase(bin string, n, m int) (rssResult, error) {
+func rssPhase(start func() (*agent, error), n, m int) (rssResult, error) {
 	var r rssResult
-	a, err := startAgent(bin, true)
+	a, err := start()
 	if err != nil {
 		return r, err
 	}
@@ -342,9 +343,23 @@ func runStreams(bins []namedBin, cfg streamsConfig) error {
 	type column struct {
 		name string
 		rss  rssResult
-		rot  rotationResult
+		rot  *rotationResult
 	}
 	var cols []column
+	if cfg.floor {
+		for _, tuned := range []bool{false, true} {
+			name := "bare gRPC, default buffers"
+			if tuned {
+				name = "bare gRPC, agent's buffers"
+			}
+			fmt.Fprintf(os.Stderr, "%s: RSS phase, %d streams\n", name, cfg.rssStreams)
+			rss, err := rssPhase(func() (*agent, error) { return startCanned(self, tuned) }, cfg.n, cfg.rssStreams)
+			if err != nil {
+				return fmt.Errorf("%s: %w", name, err)
+			}
+			cols = append(cols, column{name: name, rss: rss})
+		}
+	}
 	for round := range cfg.rounds {
 		order := slices.Clone(bins)
 		if round%2 == 1 {
@@ -352,9 +367,14 @@ func runStreams(bins []namedBin, cfg streamsConfig) error {
 		}
 		for _, b := range order {
 			fmt.Fprintf(os.Stderr, "round %d %s: RSS phase, %d streams\n", round+1, b.name, cfg.rssStreams)
-			rss, err := rssPhase(b.path, cfg.n, cfg.rssStreams)
+			rss, err := rssPhase(func() (*agent, error) { return startAgent(b.path, true) }, cfg.n, cfg.rssStreams)
 			if err != nil {
 				return fmt.Errorf("%s: %w", b.name, err)
+			}
+			col := column{name: fmt.Sprintf("%s (round %d)", b.name, round+1), rss: rss}
+			if cfg.rotStreams == 0 {
+				cols = append(cols, col)
+				continue
 			}
 			fmt.Fprintf(os.Stderr, "round %d %s: rotation phase, %d streams over %d identities, TTL %s\n", round+1, b.name, cfg.rotStreams, cfg.identities, cfg.ttl)
 			rot, err := rotationPhase(b.path, self, cfg)
@@ -368,7 +388,8 @@ func runStreams(bins []namedBin, cfg streamsConfig) error {
 				}
 				fmt.Fprintln(os.Stderr, "  "+e)
 			}
-			cols = append(cols, column{fmt.Sprintf("%s (round %d)", b.name, round+1), rss, rot})
+			col.rot = &rot
+			cols = append(cols, col)
 		}
 	}
 
@@ -396,31 +417,39 @@ func runStreams(bins []namedBin, cfg streamsConfig) error {
 	row("read syscalls / agent CPU per re-attestation (SIGHUP: every stream once)", func(c column) string {
 		return fmt.Sprintf("%.1f / %.0f µs", c.rss.readsPerWake, c.rss.cpuPerWake)
 	})
-	row(fmt.Sprintf("time to open %d streams over %d uids, %d per connection", cfg.rotStreams, cfg.identities, cfg.perConn), func(c column) string {
+	rotRow := func(label string, f func(c column) string) {
+		row(label, func(c column) string {
+			if c.rot == nil {
+				return "–"
+			}
+			return f(c)
+		})
+	}
+	rotRow(fmt.Sprintf("time to open %d streams over %d uids, %d per connection", cfg.rotStreams, cfg.identities, cfg.perConn), func(c column) string {
 		return fmt.Sprintf("%.1f s", c.rot.open.Seconds())
 	})
-	row("window (half lives = rotations of each identity)", func(c column) string {
+	rotRow("window (half lives = rotations of each identity)", func(c column) string {
 		return fmt.Sprintf("%.0f s (%.2f)", c.rot.window.Seconds(), c.rot.halfLives)
 	})
-	row("SVIDs renewed in the window / delivered to streams", func(c column) string {
+	rotRow("SVIDs renewed in the window / delivered to streams", func(c column) string {
 		return fmt.Sprintf("%d / %d", c.rot.renewals, c.rot.deliveries)
 	})
-	row("agent CPU per rotation (all identities once)", func(c column) string {
+	rotRow("agent CPU per rotation (all identities once)", func(c column) string {
 		return fmt.Sprintf("%.2f s", c.rot.cpu.Seconds()/c.rot.halfLives)
 	})
-	row("read syscalls per rotation", func(c column) string {
+	rotRow("read syscalls per rotation", func(c column) string {
 		return fmt.Sprintf("%.0f", float64(c.rot.syscr)/c.rot.halfLives)
 	})
-	row("≈ attestations per rotation (read syscalls / reads per re-attestation)", func(c column) string {
+	rotRow("≈ attestations per rotation (read syscalls / reads per re-attestation)", func(c column) string {
 		if c.rss.readsPerWake <= 0 {
 			return "n/a"
 		}
 		return fmt.Sprintf("%.0f", float64(c.rot.syscr)/c.rot.halfLives/c.rss.readsPerWake)
 	})
-	row("missed rotations / stream errors", func(c column) string {
+	rotRow("missed rotations / stream errors", func(c column) string {
 		return fmt.Sprintf("%d / %d", c.rot.missed, c.rot.streamErrors)
 	})
-	row(fmt.Sprintf("agent RSS / VmHWM with %d streams", cfg.rotStreams), func(c column) string {
+	rotRow(fmt.Sprintf("agent RSS / VmHWM with %d streams", cfg.rotStreams), func(c column) string {
 		return mib(c.rot.rssEnd) + " / " + mib(c.rot.hwm)
 	})
 	return nil

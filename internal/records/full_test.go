@@ -1,0 +1,88 @@
+package records
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"syscall"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/csi-agent/csi-agent/internal/testutil"
+)
+
+// A state dir on a full filesystem must still open: the journal is readable,
+// and refusing to start would cost every pod on the node its identity.
+func TestOpenOnFullFilesystem(t *testing.T) {
+	testutil.RequireRoot(t)
+	dir := t.TempDir()
+	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=256k"); err != nil {
+		t.Fatalf("mount tmpfs: %v", err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(dir, unix.MNT_DETACH) })
+	recDir := filepath.Join(dir, "records")
+
+	s, err := Open(recDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Enough churn that the journal holds more lines than live records,
+	// so the next Open rewrites it.
+	for i := range 40 {
+		r := rec(fmt.Sprintf("/var/lib/kubelet/pods/p%d/volumes/kubernetes.io~csi/v/mount", i%4), fmt.Sprintf("uid-%d", i%4))
+		if err := s.Put(r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := s.All()
+	s.Close()
+
+	filler := filepath.Join(dir, "filler")
+	f, err := os.Create(filler)
+	if err != nil {
+		t.Fatal(err)
+	}
+	chunk := make([]byte, 4096)
+	for {
+		if _, err := f.Write(chunk); err != nil {
+			if !errors.Is(err, syscall.ENOSPC) {
+				t.Fatalf("fill: %v", err)
+			}
+			break
+		}
+	}
+	f.Close()
+
+	s, err = Open(recDir)
+	if err != nil {
+		t.Fatalf("Open on a full filesystem: %v", err)
+	}
+	if got := s.All(); len(got) != len(want) {
+		t.Fatalf("%d records after open, want %d", len(got), len(want))
+	}
+	if len(s.ByPodUID("uid-1")) != 1 {
+		t.Fatalf("record of uid-1 lost: %v", s.All())
+	}
+	// Writes fail while the disk is full and work once there is room.
+	extra := rec("/var/lib/kubelet/pods/px/volumes/kubernetes.io~csi/v/mount", "uid-x")
+	if err := s.Put(extra); err == nil {
+		t.Log("a put fit on the full filesystem")
+	}
+	if err := os.Remove(filler); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Put(extra); err != nil {
+		t.Fatalf("put after freeing space: %v", err)
+	}
+	s.Close()
+	s, err = Open(recDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if len(s.ByPodUID("uid-x")) != 1 || len(s.All()) != len(want)+1 {
+		t.Fatalf("after reopen: %v", s.All())
+	}
+}
