@@ -6,11 +6,9 @@ import (
 	"fmt"
 	"github.com/csi-agent/csi-agent/internal/unixsock"
 	"net"
-	"os"
 	"path/filepath"
 	"time"
 
-	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"k8s.io/klog/v2"
 	registerapi "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
@@ -62,64 +60,19 @@ func ServeRegistration(ctx context.Context, opts RegistrationOptions) error {
 
 	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(recoverUnary))
 	registerapi.RegisterRegistrationServer(srv, registrationServer{opts: opts})
-
-	ln, ino, err := listenRegistration(path)
-	if err != nil {
-		return err
-	}
-	go func(l net.Listener) { _ = srv.Serve(l) }(ln)
 	klog.InfoS("Serving kubelet plugin registration", "socket", path, "driver", opts.DriverName, "endpoint", opts.Endpoint)
-
-	tick := time.NewTicker(opts.PollInterval)
-	defer tick.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			srv.Stop()
-			if cur, err := inode(path); err == nil && cur == ino {
-				_ = os.Remove(path)
-			}
-			return nil
-		case <-tick.C:
-		}
-		if cur, err := inode(path); err == nil && cur == ino {
-			continue
-		}
-		// Gone or replaced: the old listener is unreachable; serve a new one.
-		newLn, newIno, err := listenRegistration(path)
-		if err != nil {
-			klog.ErrorS(err, "Re-creating the registration socket failed; will retry", "socket", path)
-			continue
-		}
-		_ = ln.Close()
-		ln, ino = newLn, newIno
-		go func(l net.Listener) { _ = srv.Serve(l) }(ln)
-		klog.InfoS("Re-created the registration socket", "socket", path)
-	}
+	return unixsock.ServeKept(ctx, srv, unixsock.KeptOptions{
+		Path: path,
+		// Made so that it appears already listening: the kubelet dials it
+		// on the create event, once.
+		Listen:      func() (*net.UnixListener, error) { return unixsock.ListenVisible(path, 0o600, 0o750) },
+		Poll:        opts.PollInterval,
+		StopTimeout: registrationStopTimeout,
+	})
 }
 
-// listenRegistration creates the registration socket so that it appears
-// already listening: the kubelet dials it on the create event, once.
-func listenRegistration(path string) (*net.UnixListener, uint64, error) {
-	ln, err := unixsock.ListenVisible(path, 0o600, 0o750)
-	if err != nil {
-		return nil, 0, err
-	}
-	ino, err := inode(path)
-	if err != nil {
-		_ = ln.Close()
-		return nil, 0, err
-	}
-	return ln, ino, nil
-}
-
-func inode(path string) (uint64, error) {
-	var st unix.Stat_t
-	if err := unix.Lstat(path, &st); err != nil {
-		return 0, err
-	}
-	return st.Ino, nil
-}
+// registrationStopTimeout bounds the stop; registration calls are short.
+const registrationStopTimeout = time.Second
 
 type registrationServer struct {
 	registerapi.UnimplementedRegistrationServer

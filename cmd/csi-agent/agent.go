@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -29,8 +31,12 @@ import (
 	"github.com/csi-agent/csi-agent/workloadapi"
 )
 
-// stopTimeout bounds a graceful stop: open streams never end by themselves.
-const stopTimeout = 5 * time.Second
+const (
+	// stopTimeout bounds a graceful stop: open streams never end by themselves.
+	stopTimeout = 5 * time.Second
+	// socketPoll is how often the Workload API socket file is checked.
+	socketPoll = time.Second
+)
 
 // agentOptions are what runAgentConfig needs beyond the configuration.
 type agentOptions struct {
@@ -114,10 +120,19 @@ func runAgentConfig(ctx context.Context, cfg config.Config, opts agentOptions) e
 	if err != nil {
 		return err
 	}
-	lis, err := workloadapi.Listen(cfg.WorkloadAPI.SocketDir, cfg.WorkloadAPI.SocketName)
+	// Made here so that a socket another agent serves stops the start.
+	listen := func() (*net.UnixListener, error) {
+		return workloadapi.Listen(cfg.WorkloadAPI.SocketDir, cfg.WorkloadAPI.SocketName)
+	}
+	lis, err := listen()
 	if err != nil {
 		return fmt.Errorf("workload API socket: %w", err)
 	}
+	pending := lis // ServeKept's first listener
+	// socketUp is false while the socket file is missing: pods would get a
+	// mount with nothing in it, so the CSI plugin is not ready meanwhile.
+	var socketUp atomic.Bool
+	socketUp.Store(true)
 	gs, health := workloadapi.NewGRPCServer(wl)
 
 	var driver *csi.Driver
@@ -129,7 +144,7 @@ func runAgentConfig(ctx context.Context, cfg config.Config, opts agentOptions) e
 			KubeletRootDir:       cfg.CSI.KubeletRootDir,
 			WorkloadAPISocketDir: cfg.WorkloadAPI.SocketDir,
 			Records:              recs,
-			Ready:                wl.Ready,
+			Ready:                func() bool { return wl.Ready() && socketUp.Load() },
 		}); err != nil {
 			lis.Close()
 			return fmt.Errorf("csi: %w", err)
@@ -151,7 +166,28 @@ func runAgentConfig(ctx context.Context, cfg config.Config, opts agentOptions) e
 			health.Shutdown()
 			stop()
 		}()
-		if err := unixsock.Serve(serving, gs, lis, stopTimeout); err != nil {
+		err := unixsock.ServeKept(serving, gs, unixsock.KeptOptions{
+			Path: cfg.WorkloadAPI.SocketPath(),
+			Listen: func() (*net.UnixListener, error) {
+				if l := pending; l != nil {
+					pending = nil
+					return l, nil
+				}
+				return listen()
+			},
+			Poll:        socketPoll,
+			StopTimeout: stopTimeout,
+			Up: func(up bool) {
+				socketUp.Store(up)
+				switch {
+				case !up:
+					health.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
+				case wl.Ready():
+					health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+				}
+			},
+		})
+		if err != nil {
 			return fmt.Errorf("workload API: %w", err)
 		}
 		return nil

@@ -243,3 +243,25 @@ type idWatcher chan string
 
 func (w idWatcher) OnX509ContextUpdate(c *workloadapi.X509Context) { w <- c.DefaultSVID().ID.String() }
 func (idWatcher) OnX509ContextWatchError(error)                    {}
+
+// A deleted Workload API socket comes back, served by the same agent, and
+// an SVID can be fetched through it again.
+func TestDeletedSocketIsRecreated(t *testing.T) {
+	socket := startDevAgent(t)
+	for round := range 2 {
+		if err := os.Remove(socket); err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(15 * time.Second)
+		for {
+			out, err := command(context.Background(), "fetch", "x509", "--socket", socket, "--timeout", "1s").CombinedOutput()
+			if err == nil && strings.Contains(string(out), "spiffe://") {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("round %d: no SVID through the socket after deleting it: %v %s", round, err, out)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+}

@@ -48,7 +48,7 @@ func FromArgs(args []string, getenv func(string) string, usage io.Writer, extra 
 	str("driver-name", "CSI driver name (default "+DefaultDriverName+")", func(c *Config, v string) { c.CSI.DriverName = v })
 	str("kubelet-root-dir", "kubelet root directory (default "+DefaultKubeletRootDir+")", func(c *Config, v string) { c.CSI.KubeletRootDir = v })
 	str("cross-check", "pod vs CSI mount record check: enforce, warn or off (default enforce)", func(c *Config, v string) { c.Kubernetes.CrossCheck = v })
-	str("kubelet-host", "kubelet host (default: the node name, then 127.0.0.1)", func(c *Config, v string) { c.Kubernetes.Kubelet.Host = v })
+	str("kubelet-host", "kubelet host (default "+DefaultKubeletHost+"; the serving certificate is checked against the node name)", func(c *Config, v string) { c.Kubernetes.Kubelet.Host = v })
 	num("kubelet-port", "kubelet secure port (default 10250)", func(c *Config, v int) { c.Kubernetes.Kubelet.Port = v })
 	num("kubelet-read-only-port", "kubelet read-only port; non-zero uses plain HTTP instead of the secure port", func(c *Config, v int) { c.Kubernetes.Kubelet.ReadOnlyPort = v })
 	str("kubelet-token-file", "bearer token for the kubelet (default the service account token)", func(c *Config, v string) { c.Kubernetes.Kubelet.TokenFile = v })
