@@ -21,6 +21,7 @@ import (
 type caller struct {
 	pid   int32
 	attrs attestor.Attributes
+	info  peer.Info
 }
 
 // checkHeader enforces the security header that keeps browsers and other
@@ -80,7 +81,7 @@ func (s *Server) attest(ctx context.Context) (caller, error) {
 		_ = info.CloseConnection()
 		return caller{}, status.Error(codes.PermissionDenied, "caller process exited during attestation")
 	}
-	return caller{pid: info.PID, attrs: attrs}, nil
+	return caller{pid: info.PID, attrs: attrs, info: info}, nil
 }
 
 // sameCredentials checks the attested effective uid and gid against those
@@ -105,6 +106,8 @@ func (s *Server) entitled(c caller) ([]rules.Identity, error) {
 		klog.V(1).InfoS("No identity for caller", "pid", c.pid, "attributes", c.attrs.String())
 		return nil, status.Error(codes.PermissionDenied, "no identity issued: no rule matches this workload")
 	}
+	// Its connection now draws on the reserve kept for entitled callers.
+	c.info.MarkEntitled()
 	return ids, nil
 }
 

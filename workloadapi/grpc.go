@@ -2,13 +2,25 @@ package workloadapi
 
 import (
 	"runtime"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
 
 	"github.com/csi-agent/csi-agent/internal/peer"
 )
+
+// Limits are the server's bounds; internal/config owns their defaults.
+type Limits struct {
+	Connections          peer.Limits
+	Callers              CallerLimits
+	StreamsPerConnection uint32
+	MaxRequestBytes      int
+	HandshakeTimeout     time.Duration
+	IdleTimeout          time.Duration
+}
 
 // NewGRPCServer returns a gRPC server that reads each client's kernel peer
 // credentials at accept, serves the Workload API and a health service
@@ -19,9 +31,30 @@ import (
 // small write buffer shared between connections. What remains per
 // connection is grpc-go's own: four goroutine stacks (reader, writer,
 // keepalive, handler) and its transport state; BENCHMARKS.md has numbers.
-func NewGRPCServer(s *Server) (*grpc.Server, *health.Server) {
-	g := grpc.NewServer(
-		grpc.Creds(peer.Credentials()),
+//
+// Limits bound what callers can make it hold: connections (counted at the
+// handshake, per caller and in all, with a reserve for callers that hold an
+// identity), streams (per connection, per caller, in all), request size,
+// idle and handshake time, and denied calls per caller.
+func NewGRPCServer(s *Server, l Limits) (*grpc.Server, *health.Server) {
+	gd := newGuard(l.Callers)
+	opts := []grpc.ServerOption{
+		grpc.Creds(peer.Credentials(l.Connections)),
+		grpc.ChainUnaryInterceptor(gd.unary),
+		grpc.ChainStreamInterceptor(gd.stream),
+		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: l.IdleTimeout}),
+	}
+	// Zero leaves grpc-go's own value (tests); the agent sets every one.
+	if l.StreamsPerConnection > 0 {
+		opts = append(opts, grpc.MaxConcurrentStreams(l.StreamsPerConnection))
+	}
+	if l.MaxRequestBytes > 0 {
+		opts = append(opts, grpc.MaxRecvMsgSize(l.MaxRequestBytes))
+	}
+	if l.HandshakeTimeout > 0 {
+		opts = append(opts, grpc.ConnectionTimeout(l.HandshakeTimeout))
+	}
+	g := grpc.NewServer(append(opts,
 		grpc.ReadBufferSize(0),
 		grpc.HeaderTableSize(0),
 		grpc.WriteBufferSize(4<<10),
@@ -30,7 +63,7 @@ func NewGRPCServer(s *Server) (*grpc.Server, *health.Server) {
 		grpc.InitialConnWindowSize(64<<10),
 		// Reused handler goroutines keep their grown stacks for the next RPC.
 		grpc.NumStreamWorkers(uint32(4*runtime.NumCPU())),
-	)
+	)...)
 	s.Register(g)
 	h := health.NewServer()
 	healthpb.RegisterHealthServer(g, h)

@@ -125,7 +125,7 @@ func startAgent(t testing.TB, cfg agentConfig) *testAgent {
 		cancel()
 		t.Fatal(err)
 	}
-	opts := []grpc.ServerOption{grpc.Creds(peer.Credentials())}
+	opts := []grpc.ServerOption{grpc.Creds(peer.Credentials(peer.Limits{}))}
 	if cfg.interceptor != nil {
 		opts = append(opts, grpc.StreamInterceptor(cfg.interceptor))
 	}

@@ -24,10 +24,8 @@ func (s *Server) FetchJWTSVID(ctx context.Context, req *workloadpb.JWTSVIDReques
 	if len(req.Audience) == 0 {
 		return nil, status.Error(codes.InvalidArgument, "audience must be specified")
 	}
-	for _, a := range req.Audience {
-		if a == "" {
-			return nil, status.Error(codes.InvalidArgument, "audience must not contain an empty value")
-		}
+	if err := s.checkAudience(req.Audience); err != nil {
+		return nil, err
 	}
 	var want spiffeid.ID
 	if req.SpiffeId != "" {
@@ -96,6 +94,9 @@ func (s *Server) ValidateJWTSVID(ctx context.Context, req *workloadpb.ValidateJW
 	if req.Audience == "" {
 		return nil, status.Error(codes.InvalidArgument, "audience must be specified")
 	}
+	if err := s.checkAudience([]string{req.Audience}); err != nil {
+		return nil, err
+	}
 	if req.Svid == "" {
 		return nil, status.Error(codes.InvalidArgument, "svid must be specified")
 	}
@@ -120,4 +121,22 @@ func (s *Server) jwtSource() jwtbundle.Source {
 		set.Add(b.JWTBundle())
 	}
 	return set
+}
+
+// checkAudience bounds an audience: it is minted into, cached with and
+// audited along every token, so its size is the caller's to choose only
+// within limits.
+func (s *Server) checkAudience(aud []string) error {
+	if s.maxAudiences > 0 && len(aud) > s.maxAudiences {
+		return status.Errorf(codes.InvalidArgument, "audience has %d values; at most %d are accepted", len(aud), s.maxAudiences)
+	}
+	for _, a := range aud {
+		switch {
+		case a == "":
+			return status.Error(codes.InvalidArgument, "audience must not contain an empty value")
+		case s.maxAudienceBytes > 0 && len(a) > s.maxAudienceBytes:
+			return status.Errorf(codes.InvalidArgument, "an audience value has %d bytes; at most %d are accepted", len(a), s.maxAudienceBytes)
+		}
+	}
+	return nil
 }

@@ -68,6 +68,9 @@ type Options struct {
 	SVIDs  SVIDSource
 	// Federation may be nil: no federated bundles.
 	Federation *federation.Watcher
+	// MaxAudiences and MaxAudienceBytes bound a JWT-SVID audience (its
+	// count of values, and each value's size); zero: no bound.
+	MaxAudiences, MaxAudienceBytes int
 }
 
 // Server implements the Workload API.
@@ -80,6 +83,8 @@ type Server struct {
 	bundle BundleSource
 	svids  SVIDSource
 	fed    *federation.Watcher
+
+	maxAudiences, maxAudienceBytes int
 
 	// rules is the one holder of the running rules; SetRules swaps them.
 	rules atomic.Pointer[rules.Set]
@@ -111,14 +116,17 @@ func New(opts Options) (*Server, error) {
 		return nil, errors.New("workloadapi: bundle and SVID sources are required")
 	}
 	s := &Server{
-		td:          opts.TrustDomain,
-		unix:        opts.Unix,
-		pods:        opts.Pods,
-		bundle:      opts.Bundle,
-		svids:       opts.SVIDs,
-		fed:         opts.Federation,
-		rulesChange: make(chan struct{}),
-		encoded:     map[string]encodedSVID{},
+		td:     opts.TrustDomain,
+		unix:   opts.Unix,
+		pods:   opts.Pods,
+		bundle: opts.Bundle,
+		svids:  opts.SVIDs,
+		fed:    opts.Federation,
+
+		maxAudiences:     opts.MaxAudiences,
+		maxAudienceBytes: opts.MaxAudienceBytes,
+		rulesChange:      make(chan struct{}),
+		encoded:          map[string]encodedSVID{},
 	}
 	s.rules.Store(opts.Rules)
 	return s, nil

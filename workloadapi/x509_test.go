@@ -89,7 +89,7 @@ func startHolderAgent(t *testing.T, svids []rules.SVID) *holderAgent {
 	if err != nil {
 		t.Fatal(err)
 	}
-	g, _ := NewGRPCServer(srv)
+	g, _ := NewGRPCServer(srv, Limits{})
 	go func() { _ = g.Serve(lis) }()
 	t.Cleanup(g.Stop)
 	srv.SetReady(true)

@@ -24,6 +24,7 @@ import (
 	"github.com/csi-agent/csi-agent/internal/config"
 	"github.com/csi-agent/csi-agent/internal/federation"
 	"github.com/csi-agent/csi-agent/internal/fsutil"
+	"github.com/csi-agent/csi-agent/internal/peer"
 	"github.com/csi-agent/csi-agent/internal/records"
 	"github.com/csi-agent/csi-agent/internal/rules"
 	"github.com/csi-agent/csi-agent/internal/svidcache"
@@ -101,6 +102,7 @@ func runAgentConfig(ctx context.Context, cfg config.Config, opts agentOptions) e
 	}
 	wlOpts := workloadapi.Options{
 		TrustDomain: td, Unix: unix, Rules: ruleSet, Bundle: auth, SVIDs: cache, Federation: fed,
+		MaxAudiences: cfg.WorkloadAPI.Limits.MaxAudiences, MaxAudienceBytes: cfg.WorkloadAPI.Limits.MaxAudienceBytes,
 	}
 	if cfg.KubernetesEnabled() {
 		kc, err := k8s.NewKubeletClient(cfg.KubeletConfig())
@@ -133,7 +135,7 @@ func runAgentConfig(ctx context.Context, cfg config.Config, opts agentOptions) e
 	// mount with nothing in it, so the CSI plugin is not ready meanwhile.
 	var socketUp atomic.Bool
 	socketUp.Store(true)
-	gs, health := workloadapi.NewGRPCServer(wl)
+	gs, health := workloadapi.NewGRPCServer(wl, grpcLimits(cfg.WorkloadAPI.Limits))
 
 	var driver *csi.Driver
 	if cfg.CSI.Socket != "" {
@@ -227,6 +229,34 @@ func runAgentConfig(ctx context.Context, cfg config.Config, opts agentOptions) e
 		return err
 	}
 	return nil
+}
+
+// fdReserve is kept out of the Workload API's connections: the CSI socket,
+// the kubelet, state files and procfs reads need descriptors too.
+const fdReserve = 512
+
+// grpcLimits turns the configured limits into the server's, with the
+// connections bounded by the descriptors the process may open as well.
+// (The Go runtime raises the soft RLIMIT_NOFILE to the hard limit at start.)
+func grpcLimits(l config.Limits) workloadapi.Limits {
+	total, unattested := l.MaxConnections, l.MaxUnattestedConnections
+	var rl syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &rl); err == nil && rl.Cur < uint64(total+fdReserve) {
+		fit := max(int(rl.Cur)-fdReserve, 16)
+		klog.InfoS("Open-file limit caps the Workload API's connections", "max_open_files", rl.Cur, "max_connections", fit)
+		total, unattested = fit, min(unattested, fit/2)
+	}
+	return workloadapi.Limits{
+		Connections: peer.Limits{Total: total, Unproven: unattested, PerCaller: l.MaxConnectionsPerCaller},
+		Callers: workloadapi.CallerLimits{
+			Streams: l.MaxStreamsPerCaller, TotalStreams: l.MaxStreams,
+			DeniedPerSecond: float64(l.DeniedCallsPerSecond), DeniedBurst: l.DeniedCallBurst,
+		},
+		StreamsPerConnection: uint32(l.MaxStreamsPerConnection),
+		MaxRequestBytes:      l.MaxRequestBytes,
+		HandshakeTimeout:     time.Duration(l.HandshakeTimeout),
+		IdleTimeout:          time.Duration(l.IdleTimeout),
+	}
 }
 
 // reloadSettle gathers a burst of SIGHUPs (a config being written, a

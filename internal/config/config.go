@@ -37,6 +37,10 @@ const (
 	DefaultJWTSVIDTTL     = 5 * time.Minute
 	DefaultNodeNameEnv    = "MY_NODE_NAME"
 	DefaultTokenFile      = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+	// DefaultKubeletCAFile is the cluster CA as mounted into every pod: it
+	// verifies kubelets whose serving certificates the cluster signs
+	// (serverTLSBootstrap). Self-signed kubelets need caFile set (README).
+	DefaultKubeletCAFile = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
 
 	MaxX509SVIDTTL = DefaultIntermediateTTL / 2
 	MaxJWTSVIDTTL  = 24 * time.Hour
@@ -64,6 +68,38 @@ type Config struct {
 type WorkloadAPI struct {
 	SocketDir  string `json:"socketDir"`
 	SocketName string `json:"socketName"`
+	Limits     Limits `json:"limits"`
+}
+
+// Limits bound what callers of the Workload API socket can make the agent
+// hold: every pod on the node shares it, so no caller may take all of it.
+type Limits struct {
+	// MaxConnections bounds open connections (also by the file descriptor
+	// limit, less a reserve for the CSI socket and files).
+	MaxConnections int `json:"maxConnections"`
+	// MaxUnattestedConnections bounds connections not yet served an
+	// identity; the rest of MaxConnections is kept for entitled callers.
+	MaxUnattestedConnections int `json:"maxUnattestedConnections"`
+	// MaxConnectionsPerCaller bounds one caller's (uid's) connections.
+	MaxConnectionsPerCaller int `json:"maxConnectionsPerCaller"`
+	// MaxStreams bounds open streams in all; MaxStreamsPerCaller one
+	// caller's; MaxStreamsPerConnection one connection's.
+	MaxStreams              int `json:"maxStreams"`
+	MaxStreamsPerCaller     int `json:"maxStreamsPerCaller"`
+	MaxStreamsPerConnection int `json:"maxStreamsPerConnection"`
+	// DeniedCallsPerSecond and DeniedCallBurst bound one caller's denied
+	// calls; past them its calls are refused before any attestation work.
+	DeniedCallsPerSecond int `json:"deniedCallsPerSecond"`
+	DeniedCallBurst      int `json:"deniedCallBurst"`
+	// IdleTimeout closes a connection with no open stream.
+	IdleTimeout Duration `json:"idleTimeout"`
+	// HandshakeTimeout bounds a new connection's setup (HTTP/2 preface).
+	HandshakeTimeout Duration `json:"handshakeTimeout"`
+	// MaxRequestBytes bounds one request message.
+	MaxRequestBytes int `json:"maxRequestBytes"`
+	// MaxAudiences and MaxAudienceBytes bound a FetchJWTSVID audience.
+	MaxAudiences     int `json:"maxAudiences"`
+	MaxAudienceBytes int `json:"maxAudienceBytes"`
 }
 
 // SocketPath is the Workload API socket's path.
@@ -98,7 +134,10 @@ type Kubelet struct {
 	ClientCertFile     string `json:"clientCertFile"`
 	ClientKeyFile      string `json:"clientKeyFile"`
 	InsecureSkipVerify bool   `json:"insecureSkipVerify"`
-	Anonymous          bool   `json:"anonymous"`
+	// SendTokenUnverified is the second, explicit opt-in that lets the token
+	// go to a kubelet that insecureSkipVerify leaves unverified.
+	SendTokenUnverified bool `json:"sendTokenUnverified"`
+	Anonymous           bool `json:"anonymous"`
 }
 
 // CA configures the issuing authority.
@@ -159,15 +198,36 @@ func Default() Config {
 		TrustDomain: DefaultTrustDomain,
 		StateDir:    DefaultStateDir,
 		ProcRoot:    DefaultProcRoot,
-		WorkloadAPI: WorkloadAPI{SocketDir: DefaultSocketDir, SocketName: DefaultSocketName},
+		WorkloadAPI: WorkloadAPI{SocketDir: DefaultSocketDir, SocketName: DefaultSocketName, Limits: DefaultLimits()},
 		CSI:         CSI{DriverName: DefaultDriverName, KubeletRootDir: DefaultKubeletRootDir},
 		Kubernetes: Kubernetes{
 			CrossCheck:  "enforce",
-			Kubelet:     Kubelet{Port: DefaultKubeletPort, TokenFile: DefaultTokenFile},
+			Kubelet:     Kubelet{Port: DefaultKubeletPort, TokenFile: DefaultTokenFile, CAFile: DefaultKubeletCAFile},
 			RetryBudget: Duration(DefaultRetryBudget),
 		},
 		CA:   CA{X509SVIDTTL: Duration(DefaultX509SVIDTTL), JWTSVIDTTL: Duration(DefaultJWTSVIDTTL)},
 		Unix: Unix{MaxBinarySize: DefaultMaxBinarySize, PasswdFile: DefaultPasswdFile, GroupFile: DefaultGroupFile},
+	}
+}
+
+// DefaultLimits are sized for the DaemonSet's 256 MiB memory limit with
+// room to spare (BENCHMARKS.md measures the cost of a connection and a
+// stream), and far above what a node's pods use.
+func DefaultLimits() Limits {
+	return Limits{
+		MaxConnections:           4096,
+		MaxUnattestedConnections: 1024,
+		MaxConnectionsPerCaller:  512,
+		MaxStreams:               8192,
+		MaxStreamsPerCaller:      1024,
+		MaxStreamsPerConnection:  16,
+		DeniedCallsPerSecond:     10,
+		DeniedCallBurst:          20,
+		IdleTimeout:              Duration(5 * time.Minute),
+		HandshakeTimeout:         Duration(5 * time.Second),
+		MaxRequestBytes:          64 << 10,
+		MaxAudiences:             32,
+		MaxAudienceBytes:         1024,
 	}
 }
 
@@ -391,6 +451,9 @@ func (c *Config) Validate() error {
 	if name == "" || strings.ContainsRune(name, '/') || name == "." || name == ".." {
 		return fmt.Errorf("workloadAPI.socketName: must be a plain file name, got %q", name)
 	}
+	if err := c.WorkloadAPI.Limits.validate(); err != nil {
+		return err
+	}
 	// sun_path holds 108 bytes including the terminating NUL.
 	if n := len(c.WorkloadAPI.SocketPath()); n > 107 {
 		return fmt.Errorf("workloadAPI.socketDir: socket path is %d bytes, Unix sockets allow 107", n)
@@ -431,8 +494,16 @@ func (c *Config) Validate() error {
 		if k.ReadOnlyPort == 0 && !k.InsecureSkipVerify && k.Host == "" && c.NodeName == "" {
 			return fmt.Errorf("nodeName: required to verify the kubelet's serving certificate (set --node-name or $%s, or kubernetes.kubelet.host)", DefaultNodeNameEnv)
 		}
-		if k.InsecureSkipVerify && k.CAFile != "" {
+		if k.InsecureSkipVerify && k.CAFile != "" && k.CAFile != DefaultKubeletCAFile {
 			return errors.New("kubernetes.kubelet.insecureSkipVerify: cannot be combined with caFile")
+		}
+		if k.SendTokenUnverified && (!k.InsecureSkipVerify || k.ReadOnlyPort > 0) {
+			return errors.New("kubernetes.kubelet.sendTokenUnverified: only applies with insecureSkipVerify on the secure port")
+		}
+		if k.InsecureSkipVerify && k.ReadOnlyPort == 0 && k.tokenFile() != "" && !k.SendTokenUnverified {
+			return errors.New("kubernetes.kubelet.insecureSkipVerify: the token would go to whatever listens on the kubelet's port; " +
+				"verify the kubelet instead (caFile: the cluster CA for serverTLSBootstrap kubelets, or the kubelet's own " +
+				"/var/lib/kubelet/pki/kubelet.crt), use a client certificate, or also set sendTokenUnverified: true")
 		}
 		if k.ReadOnlyPort == 0 && !k.Anonymous && k.TokenFile == "" && k.ClientCertFile == "" {
 			return errors.New("kubernetes.kubelet.tokenFile: the secure port needs a token file, a client certificate or anonymous: true")
@@ -504,4 +575,38 @@ func validDriverName(s string) bool {
 		}
 	}
 	return true
+}
+
+func (l Limits) validate() error {
+	for _, f := range []struct {
+		name string
+		v    int
+	}{
+		{"maxConnections", l.MaxConnections},
+		{"maxUnattestedConnections", l.MaxUnattestedConnections},
+		{"maxConnectionsPerCaller", l.MaxConnectionsPerCaller},
+		{"maxStreams", l.MaxStreams},
+		{"maxStreamsPerCaller", l.MaxStreamsPerCaller},
+		{"maxStreamsPerConnection", l.MaxStreamsPerConnection},
+		{"deniedCallsPerSecond", l.DeniedCallsPerSecond},
+		{"deniedCallBurst", l.DeniedCallBurst},
+		{"maxAudiences", l.MaxAudiences},
+		{"maxAudienceBytes", l.MaxAudienceBytes},
+	} {
+		// Every limit is on: a resource without one is one a caller can take.
+		if f.v <= 0 {
+			return fmt.Errorf("workloadAPI.limits.%s: must be positive, got %d", f.name, f.v)
+		}
+	}
+	switch {
+	case l.MaxUnattestedConnections > l.MaxConnections:
+		return fmt.Errorf("workloadAPI.limits.maxUnattestedConnections: %d exceeds maxConnections %d: nothing would be kept for entitled callers", l.MaxUnattestedConnections, l.MaxConnections)
+	case l.MaxRequestBytes < 4<<10:
+		return fmt.Errorf("workloadAPI.limits.maxRequestBytes: must be at least 4096, got %d", l.MaxRequestBytes)
+	case l.IdleTimeout < Duration(time.Second):
+		return fmt.Errorf("workloadAPI.limits.idleTimeout: must be at least 1s, got %s", time.Duration(l.IdleTimeout))
+	case l.HandshakeTimeout < Duration(100*time.Millisecond):
+		return fmt.Errorf("workloadAPI.limits.handshakeTimeout: must be at least 100ms, got %s", time.Duration(l.HandshakeTimeout))
+	}
+	return nil
 }

@@ -20,7 +20,7 @@ trustDomain: example.org
 workloadAPI: {socketDir: /run/x, socketName: spire-agent.sock}
 csi: {socket: /var/lib/kubelet/plugins/csi.spiffe.io/csi.sock, driverName: csi.spiffe.io}
 nodeName: node-1
-kubernetes: {crossCheck: warn, kubelet: {port: 10250, insecureSkipVerify: true}}
+kubernetes: {crossCheck: warn, kubelet: {port: 10250, insecureSkipVerify: true, sendTokenUnverified: true}}
 ca: {x509SVIDTTL: 30m, jwtSVIDTTL: 2m}
 svids:
 - spiffeID: /ns/{kubernetes.namespace}/sa/{kubernetes.service_account}
@@ -75,6 +75,9 @@ func TestMalformedConfigNamesField(t *testing.T) {
 		{"kubelet without credentials", "nodeName: node-a\nkubernetes: {enabled: true, crossCheck: 'off', kubelet: {tokenFile: ''}}", "kubernetes.kubelet.tokenFile"},
 		{"anonymous with token", "nodeName: node-a\nkubernetes: {enabled: true, crossCheck: 'off', kubelet: {anonymous: true, tokenFile: /t}}", "kubernetes.kubelet.anonymous"},
 		{"empty passwd file", "unix: {passwdFile: ''}", "unix.passwdFile"},
+		{"limit off", "workloadAPI: {limits: {maxStreams: 0}}", "workloadAPI.limits.maxStreams: must be positive"},
+		{"no reserve", "workloadAPI: {limits: {maxConnections: 10, maxUnattestedConnections: 20}}", "workloadAPI.limits.maxUnattestedConnections"},
+		{"tiny requests", "workloadAPI: {limits: {maxRequestBytes: 100}}", "workloadAPI.limits.maxRequestBytes"},
 		{"upstream half", "ca: {upstreamKeyFile: /k}", "ca.upstreamCertFile"},
 		{"ttl too short", "ca: {jwtSVIDTTL: 1s}", "ca.jwtSVIDTTL"},
 		{"not yaml", "trustDomain: [", "YAML"},

@@ -81,17 +81,30 @@ func (c *Config) KubeletConfig() k8s.KubeletConfig {
 	if host == "" {
 		host = DefaultKubeletHost
 	}
-	token := k.TokenFile
-	if token == DefaultTokenFile && (k.ReadOnlyPort > 0 || k.Anonymous || k.ClientCertFile != "") {
-		// The default token applies only when no other access was chosen.
-		token = ""
-	}
 	return k8s.KubeletConfig{
 		NodeName: c.NodeName, Host: host, Port: k.Port, ReadOnlyPort: k.ReadOnlyPort,
-		TokenFile: token, CAFile: k.CAFile, ClientCertFile: k.ClientCertFile, ClientKeyFile: k.ClientKeyFile,
-		InsecureSkipVerify: k.InsecureSkipVerify, Anonymous: k.Anonymous,
+		TokenFile: k.tokenFile(), CAFile: k.caFile(), ClientCertFile: k.ClientCertFile, ClientKeyFile: k.ClientKeyFile,
+		InsecureSkipVerify: k.InsecureSkipVerify, SendTokenUnverified: k.SendTokenUnverified, Anonymous: k.Anonymous,
 		Timeout: DefaultKubeletTimeout,
 	}
+}
+
+// tokenFile is the token in use: the default one applies only when no
+// other access was chosen.
+func (k Kubelet) tokenFile() string {
+	if k.TokenFile == DefaultTokenFile && (k.ReadOnlyPort > 0 || k.Anonymous || k.ClientCertFile != "") {
+		return ""
+	}
+	return k.TokenFile
+}
+
+// caFile is the CA in use: the default one is dropped where nothing is
+// verified (plain HTTP, or skip-verify asked for).
+func (k Kubelet) caFile() string {
+	if k.CAFile == DefaultKubeletCAFile && (k.ReadOnlyPort > 0 || k.InsecureSkipVerify) {
+		return ""
+	}
+	return k.CAFile
 }
 
 // KubernetesOptions configure the Kubernetes attestor over pods and recs

@@ -26,13 +26,15 @@ func (AuthInfo) AuthType() string { return AuthType }
 // Credentials returns gRPC server transport credentials for Unix sockets. The
 // handshake reads the peer's credentials and takes a handle on its process;
 // handlers get them with FromContext. The handle is released when the
-// connection closes. Client handshakes are not supported.
-func Credentials() credentials.TransportCredentials {
-	return &transportCreds{kind: handleAuto}
+// connection closes. A connection over limits is refused at the handshake.
+// Client handshakes are not supported.
+func Credentials(limits Limits) credentials.TransportCredentials {
+	return &transportCreds{kind: handleAuto, adm: newAdmission(limits)}
 }
 
 type transportCreds struct {
 	kind handleKind
+	adm  *admission
 }
 
 func (c *transportCreds) ClientHandshake(context.Context, string, net.Conn) (net.Conn, credentials.AuthInfo, error) {
@@ -47,6 +49,12 @@ func (c *transportCreds) ServerHandshake(rawConn net.Conn) (net.Conn, credential
 	info, err := fromConn(sc, c.kind)
 	if err != nil {
 		return nil, nil, err
+	}
+	if c.adm != nil {
+		if info.slot, err = c.adm.admit(info); err != nil {
+			info.Close()
+			return nil, nil, err
+		}
 	}
 	// Closing the raw connection makes gRPC tear the transport down; the
 	// wrapper's Close still releases the process handle afterwards.
@@ -80,6 +88,7 @@ type conn struct {
 func (c *conn) Close() error {
 	err := c.Conn.Close()
 	c.info.Close()
+	c.info.slot.release()
 	return err
 }
 

@@ -29,7 +29,7 @@ func TestCredentialsGRPCRoundTrip(t *testing.T) {
 	}
 	seenc := make(chan seen, 1)
 	srv := grpc.NewServer(
-		grpc.Creds(Credentials()),
+		grpc.Creds(Credentials(Limits{})),
 		grpc.UnaryInterceptor(func(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
 			info, ok := FromContext(ctx)
 			s := seen{info: info, ok: ok}
@@ -75,7 +75,7 @@ func TestFromContextWithoutPeer(t *testing.T) {
 func TestServerHandshakeReleasesHandleOnClose(t *testing.T) {
 	server, client := unixPair(t)
 	defer client.Close()
-	conn, ai, err := Credentials().ServerHandshake(server)
+	conn, ai, err := Credentials(Limits{}).ServerHandshake(server)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -97,7 +97,7 @@ func TestServerHandshakeReleasesHandleOnClose(t *testing.T) {
 func TestCloseConnectionDropsTheClient(t *testing.T) {
 	server, client := unixPair(t)
 	defer client.Close()
-	conn, ai, err := Credentials().ServerHandshake(server)
+	conn, ai, err := Credentials(Limits{}).ServerHandshake(server)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -129,7 +129,7 @@ func TestServerHandshakeRejectsTCP(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	if _, _, err := Credentials().ServerHandshake(s); err == nil {
+	if _, _, err := Credentials(Limits{}).ServerHandshake(s); err == nil {
 		t.Fatal("ServerHandshake accepted a TCP connection")
 	}
 }
@@ -138,13 +138,13 @@ func TestClientHandshakeUnsupported(t *testing.T) {
 	server, client := unixPair(t)
 	defer server.Close()
 	defer client.Close()
-	if _, _, err := Credentials().ClientHandshake(context.Background(), "x", client); err == nil {
+	if _, _, err := Credentials(Limits{}).ClientHandshake(context.Background(), "x", client); err == nil {
 		t.Fatal("ClientHandshake succeeded")
 	}
 }
 
 func TestCredentialsClone(t *testing.T) {
-	c := Credentials()
+	c := Credentials(Limits{})
 	if c.Clone().Info().SecurityProtocol != AuthType || c.Info().SecurityProtocol != AuthType {
 		t.Fatal("unexpected protocol info")
 	}
@@ -185,7 +185,7 @@ func BenchmarkServerHandshake(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer server.Close()
-	creds := Credentials()
+	creds := Credentials(Limits{})
 	b.ReportAllocs()
 	for b.Loop() {
 		_, ai, err := creds.ServerHandshake(server)

@@ -42,7 +42,13 @@ type Info struct {
 	h *handle
 	// closeConn drops the connection; set by Credentials' handshake.
 	closeConn func() error
+	// slot counts the connection against the Limits.
+	slot *slot
 }
+
+// MarkEntitled records that the caller was served an identity: its
+// connection no longer counts against Limits.Unproven.
+func (i Info) MarkEntitled() { i.slot.prove() }
 
 // CloseConnection drops the caller's connection, for a caller that must not
 // keep talking (its process is gone and the pid may name another). A no-op
