@@ -2,8 +2,8 @@ package unixsock
 
 import (
 	"context"
-	"fmt"
 	"errors"
+	"fmt"
 	"io/fs"
 	"net"
 	"os"
