@@ -19,6 +19,7 @@ const (
 	kindNotFound
 	kindConflict      // the target holds something that is not ours
 	kindAlreadyExists // the target is published for another volume
+	kindUnavailable   // not now; the kubelet retries
 )
 
 type requestError struct {
@@ -42,6 +43,10 @@ func conflictf(format string, args ...any) error {
 
 func alreadyExistsf(format string, args ...any) error {
 	return &requestError{kind: kindAlreadyExists, msg: fmt.Sprintf(format, args...)}
+}
+
+func unavailablef(format string, args ...any) error {
+	return &requestError{kind: kindUnavailable, msg: fmt.Sprintf(format, args...)}
 }
 
 func kindOf(err error) kind {
@@ -73,6 +78,8 @@ func toStatus(err error) error {
 		code = codes.FailedPrecondition
 	case kindAlreadyExists:
 		code = codes.AlreadyExists
+	case kindUnavailable:
+		code = codes.Unavailable
 	}
 	return status.Error(code, err.Error())
 }

@@ -229,7 +229,7 @@ func (e *env) bindSocketDir(t testing.TB, target string, ro bool) {
 		return f.bind(e.socketDir, target, map[bool]string{true: "ro", false: "rw"}[ro])
 	}, func() error {
 		if ro {
-			return bindMount(e.socketDir, target, unix.MS_RDONLY)
+			return bindMountPath(e.socketDir, target, unix.MS_RDONLY)
 		}
 		return unix.Mount(e.socketDir, target, "", unix.MS_BIND, "")
 	})
@@ -252,7 +252,7 @@ func (e *env) remountWritable(t testing.TB, target string) {
 // unmountTop removes the top mount at target.
 func (e *env) unmountTop(t testing.TB, target string) {
 	t.Helper()
-	e.change(t, func(f *fakeMounter) error { return f.Unmount(target) },
+	e.change(t, func(f *fakeMounter) error { return f.unmountPath(target) },
 		func() error { return unix.Unmount(target, 0) })
 }
 
@@ -300,6 +300,26 @@ func wantCode(t testing.TB, err error, code codes.Code, msgContains ...string) {
 
 func isErrno(err error, errno unix.Errno) bool { return errors.Is(err, errno) }
 
+// bindMountPath is bindMount on a path, for setting up tests.
+func bindMountPath(source, target string, flags uintptr) error {
+	f, err := os.OpenFile(target, unix.O_PATH|unix.O_DIRECTORY, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	mnt, err := bindMount(source, f, flags)
+	if mnt != nil {
+		mnt.Close()
+	}
+	return err
+}
+
+// openedPath is the path of the directory open as f: the fake mounter
+// keeps its table by path.
+func openedPath(f *os.File) (string, error) {
+	return os.Readlink(fdPath(f))
+}
+
 // closeStore releases the env's records store, as a process exit would.
 func (e *env) closeStore() {
 	if e.store != nil {
@@ -320,6 +340,8 @@ type fakeMounter struct {
 	sources   map[int]fakeSource // bind mounts: what they show
 	nextID    int
 	nextMinor int
+	// bindErr, when set, fails every BindMount.
+	bindErr error
 }
 
 type fakeSource struct {
@@ -355,9 +377,18 @@ func newFakeMounter() *fakeMounter {
 	}
 }
 
-func (f *fakeMounter) BindMount(source, target string, options []string) error {
+// BindMount binds on the path the directory open as target has now, as the
+// kernel would, and returns a handle on it (the fake keeps no mount roots).
+func (f *fakeMounter) BindMount(source string, dir *os.File, options []string) (*os.File, error) {
+	target, err := openedPath(dir)
+	if err != nil {
+		return nil, err
+	}
 	if _, ok := asBind(options); !ok {
-		return fmt.Errorf("fake mount %s on %s: options %q are not a plain bind mount", source, target, options)
+		return nil, fmt.Errorf("fake mount %s on %s: options %q are not a plain bind mount", source, target, options)
+	}
+	if f.bindErr != nil {
+		return nil, f.bindErr
 	}
 	opts := []string{"rw"}
 	for _, o := range options {
@@ -369,7 +400,10 @@ func (f *fakeMounter) BindMount(source, target string, options []string) error {
 			opts = append(opts, o)
 		}
 	}
-	return f.bind(source, target, strings.Join(opts, ","))
+	if err := f.bind(source, target, strings.Join(opts, ",")); err != nil {
+		return nil, err
+	}
+	return os.OpenFile(target, unix.O_PATH|unix.O_DIRECTORY, 0)
 }
 
 // bind adds a bind mount of source on target with the per-mount options.
@@ -442,7 +476,16 @@ func (f *fakeMounter) remountWritable(target string) error {
 	return nil
 }
 
-func (f *fakeMounter) Unmount(target string) error {
+// Unmount removes the top mount at the path the directory open as dir has.
+func (f *fakeMounter) Unmount(dir *os.File) error {
+	target, err := openedPath(dir)
+	if err != nil {
+		return err
+	}
+	return f.unmountPath(target)
+}
+
+func (f *fakeMounter) unmountPath(target string) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if m := top(layersAt(f.mounts, target)); m != nil {
@@ -492,7 +535,11 @@ func (f *fakeMounter) table() []*mountinfo.Info {
 	return out
 }
 
-func (f *fakeMounter) CheckBind(source, target string) error {
+func (f *fakeMounter) CheckBind(source string, dir *os.File) error {
+	target, err := openedPath(dir)
+	if err != nil {
+		return err
+	}
 	table := f.table()
 	src, err := sourceOf(table, source)
 	if err != nil {

@@ -16,23 +16,33 @@ import (
 // it, the driver decides. Every mount-state check goes through it, so the
 // driver's logic can run against a mount table held in memory.
 type Mounter interface {
-	// BindMount bind-mounts source on target with options (bindOptions).
-	BindMount(source, target string, options []string) error
-	// Unmount removes the top mount at target; a target that is not a
-	// mount point is no error.
-	Unmount(target string) error
+	// BindMount bind-mounts source with options (bindOptions) on the
+	// directory open as target: an O_PATH descriptor the driver resolved
+	// beneath the kubelet root without following symlinks. The mount lands
+	// on that directory, not on whatever its path names by then. It returns
+	// a handle on the root of the new mount, to check or detach exactly
+	// that mount, or nil when the kernel gives none (before open_tree, 5.2).
+	BindMount(source string, target *os.File, options []string) (*os.File, error)
+	// Unmount detaches the mount whose root target is open on (a handle
+	// from BindMount, or a directory opened where a mount is visible); a
+	// target that is not a mount root is no error.
+	Unmount(target *os.File) error
 	// IsMountPoint reports whether something is mounted at path; a path
 	// that does not exist is not a mount point.
 	IsMountPoint(path string) (bool, error)
 	// MountTable lists every mount, in the kernel's order.
 	MountTable() ([]*mountinfo.Info, error)
-	// CheckBind verifies that the top mount at target shows source with
-	// requiredOpts (read-only, nosuid, nodev, noexec).
-	CheckBind(source, target string) error
+	// CheckBind verifies that target, open on a mount root, shows source
+	// with requiredOpts (read-only, nosuid, nodev, noexec).
+	CheckBind(source string, target *os.File) error
 }
 
+// fdPath names the file open as f through procfs: mount(2) and umount2(2)
+// given it act on that very file, not on a path looked up again.
+func fdPath(f *os.File) string { return fmt.Sprintf("/proc/self/fd/%d", f.Fd()) }
+
 // NewMounter returns the kernel's Mounter. It mounts and unmounts with
-// mount(2)/umount2(2) directly rather than by running mount(8) twice: that
+// open_tree/move_mount (or mount(2)) and umount2(2) directly rather than by running mount(8) twice: that
 // keeps a publish well under the kubelet's patience and does not depend on
 // a mount binary in the image.
 func NewMounter() Mounter { return kernelMounter{} }
@@ -69,53 +79,58 @@ func asBind(options []string) (flags uintptr, ok bool) {
 	return flags, bind
 }
 
-func (k kernelMounter) BindMount(source, target string, options []string) error {
+func (k kernelMounter) BindMount(source string, target *os.File, options []string) (*os.File, error) {
 	if k.exec != nil {
-		return k.exec.MountSensitiveWithoutSystemd(source, target, "", options, nil)
+		// mount(8) runs in another process: name our descriptor through its pid.
+		at := fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), target.Fd())
+		return nil, k.exec.MountSensitiveWithoutSystemd(source, at, "", options, nil)
 	}
 	flags, ok := asBind(options)
 	if !ok {
-		return fmt.Errorf("mount %s on %s: options %q are not a plain bind mount", source, target, options)
+		return nil, fmt.Errorf("mount %s on %s: options %q are not a plain bind mount", source, target.Name(), options)
 	}
 	return bindMount(source, target, flags)
 }
 
-// bindMount bind-mounts source on target with flags. The mount must carry
-// its flags from the moment it is attached: the agent runs in a container
-// whose kubelet dir propagates mounts to the host, and a later remount
-// changes the flags only in the agent's own namespace, leaving the host's
-// copy (the one the kubelet and the pod see) writable.
-func bindMount(source, target string, flags uintptr) error {
+// bindMount bind-mounts source on the directory open as target with flags.
+// The mount must carry its flags from the moment it is attached: the agent
+// runs in a container whose kubelet dir propagates mounts to the host, and
+// a later remount changes the flags only in the agent's own namespace,
+// leaving the host's copy (the one the kubelet and the pod see) writable.
+func bindMount(source string, target *os.File, flags uintptr) (*os.File, error) {
 	if flags&^unix.MS_BIND == 0 {
-		if err := unix.Mount(source, target, "", unix.MS_BIND, ""); err != nil {
-			return fmt.Errorf("bind mount %s on %s: %w", source, target, err)
+		if err := unix.Mount(source, fdPath(target), "", unix.MS_BIND, ""); err != nil {
+			return nil, fmt.Errorf("bind mount %s on %s: %w", source, target.Name(), err)
 		}
-		return nil
+		return nil, nil
 	}
-	err := attachDetached(source, target, flags)
+	mnt, err := attachDetached(source, target, flags)
 	if errors.Is(err, unix.ENOSYS) {
 		// Kernels before 5.12 lack mount_setattr.
-		return bindFromReadOnlyCopy(source, target, flags)
+		return nil, bindFromReadOnlyCopy(source, target, flags)
 	}
-	return err
+	return mnt, err
 }
 
 // attachDetached clones source as a detached mount, sets its flags, then
-// attaches it at target (open_tree, mount_setattr, move_mount).
-func attachDetached(source, target string, flags uintptr) error {
+// attaches it on target (open_tree, mount_setattr, move_mount from one
+// descriptor to the other: no path is looked up at attach time). It
+// returns the attached mount's root.
+func attachDetached(source string, target *os.File, flags uintptr) (*os.File, error) {
 	fd, err := unix.OpenTree(unix.AT_FDCWD, source, unix.OPEN_TREE_CLONE|unix.OPEN_TREE_CLOEXEC)
 	if err != nil {
-		return fmt.Errorf("clone mount of %s: %w", source, err)
+		return nil, fmt.Errorf("clone mount of %s: %w", source, err)
 	}
-	defer unix.Close(fd)
 	attr := &unix.MountAttr{Attr_set: mountAttrs(flags)}
 	if err := unix.MountSetattr(fd, "", unix.AT_EMPTY_PATH, attr); err != nil {
-		return fmt.Errorf("set mount attributes of %s: %w", source, err)
+		unix.Close(fd)
+		return nil, fmt.Errorf("set mount attributes of %s: %w", source, err)
 	}
-	if err := unix.MoveMount(fd, "", unix.AT_FDCWD, target, unix.MOVE_MOUNT_F_EMPTY_PATH); err != nil {
-		return fmt.Errorf("attach mount of %s on %s: %w", source, target, err)
+	if err := unix.MoveMount(fd, "", int(target.Fd()), "", unix.MOVE_MOUNT_F_EMPTY_PATH|unix.MOVE_MOUNT_T_EMPTY_PATH); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("attach mount of %s on %s: %w", source, target.Name(), err)
 	}
-	return nil
+	return os.NewFile(uintptr(fd), "mount of "+source+" on "+target.Name()), nil
 }
 
 func mountAttrs(flags uintptr) uint64 {
@@ -137,7 +152,7 @@ func mountAttrs(flags uintptr) uint64 {
 // flags of the mount it copies, so the source is first bound, privately, to
 // a scratch directory and remounted with flags there (that copy never
 // propagates), then bound from that copy onto target, then dropped.
-func bindFromReadOnlyCopy(source, target string, flags uintptr) error {
+func bindFromReadOnlyCopy(source string, target *os.File, flags uintptr) error {
 	scratch, err := os.MkdirTemp("", "csi-agent-ro-")
 	if err != nil {
 		return fmt.Errorf("scratch dir for a read-only copy: %w", err)
@@ -153,8 +168,8 @@ func bindFromReadOnlyCopy(source, target string, flags uintptr) error {
 	if err := unix.Mount("", scratch, "", flags|keepAtime(source)|unix.MS_BIND|unix.MS_REMOUNT, ""); err != nil {
 		return fmt.Errorf("remount %s with flags %#x: %w", scratch, flags, err)
 	}
-	if err := unix.Mount(scratch, target, "", unix.MS_BIND, ""); err != nil {
-		return fmt.Errorf("bind mount %s on %s: %w", source, target, err)
+	if err := unix.Mount(scratch, fdPath(target), "", unix.MS_BIND, ""); err != nil {
+		return fmt.Errorf("bind mount %s on %s: %w", source, target.Name(), err)
 	}
 	return nil
 }
@@ -179,20 +194,18 @@ func keepAtime(path string) uintptr {
 	return flags
 }
 
-// Unmount removes the top mount at target. Like mount-utils with safe
-// not-mounted behaviour, a target that is not a mount point is no error.
-func (k kernelMounter) Unmount(target string) error {
-	if k.exec != nil {
-		return k.exec.Unmount(target)
-	}
-	err := unix.Unmount(target, unix.UMOUNT_NOFOLLOW)
+// Unmount detaches the mount whose root target is open on. It detaches
+// (MNT_DETACH) because the handle itself holds the mount busy; nothing else
+// can reach the mount once it is detached. A target that is not a mount
+// root (EINVAL) is no error. With mount-utils, too, the unmount is the
+// kernel's: a umount(8) would fail on the busy mount.
+func (kernelMounter) Unmount(target *os.File) error {
+	err := unix.Unmount(fdPath(target), unix.MNT_DETACH)
 	if errors.Is(err, unix.EINVAL) {
-		if mounted, merr := k.IsMountPoint(target); merr == nil && !mounted {
-			return nil
-		}
+		return nil
 	}
 	if err != nil {
-		return fmt.Errorf("unmount %s: %w", target, err)
+		return fmt.Errorf("unmount %s: %w", target.Name(), err)
 	}
 	return nil
 }
@@ -223,26 +236,26 @@ func (kernelMounter) MountTable() ([]*mountinfo.Info, error) {
 	return table, nil
 }
 
-// CheckBind checks without the mount table: the target must show the
-// source's inode, through a mount with the read-only flags.
-func (kernelMounter) CheckBind(source, target string) error {
+// CheckBind checks without the mount table: target must show the source's
+// inode, through a mount with the read-only flags.
+func (kernelMounter) CheckBind(source string, target *os.File) error {
 	var src, tgt unix.Stat_t
 	if err := unix.Stat(source, &src); err != nil {
 		return fmt.Errorf("stat %s: %w", source, err)
 	}
-	if err := unix.Stat(target, &tgt); err != nil {
-		return fmt.Errorf("stat %s: %w", target, err)
+	if err := unix.Fstat(int(target.Fd()), &tgt); err != nil {
+		return fmt.Errorf("stat %s: %w", target.Name(), err)
 	}
 	if src.Dev != tgt.Dev || src.Ino != tgt.Ino {
-		return fmt.Errorf("%s does not show the socket directory", target)
+		return fmt.Errorf("%s does not show the socket directory", target.Name())
 	}
 	var st unix.Statfs_t
-	if err := unix.Statfs(target, &st); err != nil {
-		return fmt.Errorf("statfs %s: %w", target, err)
+	if err := unix.Fstatfs(int(target.Fd()), &st); err != nil {
+		return fmt.Errorf("statfs %s: %w", target.Name(), err)
 	}
 	const want = unix.ST_RDONLY | unix.ST_NOSUID | unix.ST_NODEV | unix.ST_NOEXEC
 	if st.Flags&want != want {
-		return fmt.Errorf("the mount at %s has flags %#x, want read-only, nosuid, nodev, noexec", target, st.Flags)
+		return fmt.Errorf("the mount at %s has flags %#x, want read-only, nosuid, nodev, noexec", target.Name(), st.Flags)
 	}
 	return nil
 }

@@ -101,6 +101,26 @@ func top(layers []*mountinfo.Info) *mountinfo.Info {
 	return layers[len(layers)-1]
 }
 
+// bottom returns the first layer: the one mounted on no other layer.
+func bottom(layers []*mountinfo.Info) *mountinfo.Info {
+	for _, m := range layers {
+		onLayer := false
+		for _, o := range layers {
+			if m.Parent == o.ID && o != m {
+				onLayer = true
+				break
+			}
+		}
+		if !onLayer {
+			return m
+		}
+	}
+	if len(layers) == 0 {
+		return nil
+	}
+	return layers[0]
+}
+
 // requiredOpts are the per-mount options every published target must carry.
 var requiredOpts = []string{"ro", "nosuid", "nodev", "noexec"}
 

@@ -34,6 +34,10 @@ func (s nodeServer) NodeGetCapabilities(context.Context, *csipb.NodeGetCapabilit
 
 func (s nodeServer) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVolumeRequest) (*csipb.NodePublishVolumeResponse, error) {
 	p, err := validatePublish(req)
+	if err == nil && !s.d.ready() {
+		// A pod given the directory now would find no socket in it.
+		err = unavailablef("the Workload API socket is not served right now (agent starting, or the socket is being re-created); retry")
+	}
 	if err == nil {
 		err = s.d.publish(p)
 	}

@@ -19,9 +19,16 @@ const bindChildEnv = "CSI_TEST_BIND_CHILD"
 // in its own mount namespace whose kubelet dir is a peer of the host's.
 func runBindChild() int {
 	flags, _ := asBind(bindOptions)
-	bind := bindMount
+	bind := bindMountPath
 	if os.Getenv("BIND_FALLBACK") == "1" {
-		bind = bindFromReadOnlyCopy
+		bind = func(source, target string, flags uintptr) error {
+			f, err := os.OpenFile(target, unix.O_PATH|unix.O_DIRECTORY, 0)
+			if err != nil {
+				return err
+			}
+			defer f.Close()
+			return bindFromReadOnlyCopy(source, f, flags)
+		}
 	}
 	if err := bind(os.Getenv("BIND_SOURCE"), os.Getenv("BIND_TARGET"), flags); err != nil {
 		fmt.Fprintln(os.Stderr, err)

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/moby/sys/mountinfo"
+	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
 	"github.com/csi-agent/csi-agent/internal/records"
@@ -106,44 +107,92 @@ func (d *Driver) publish(p publishRequest) error {
 		if old, ok := d.records.ByTarget(p.target); ok && sameRecord(old, rec) {
 			return nil
 		}
-		return d.record(rec, t, false)
+		return d.record(rec, t, nil)
 	}
 	if state == stateOursBroken {
 		klog.InfoS("Replacing a broken mount at the target", "target", p.target, "volume_id", p.volumeID, "reason", why)
-		if err := d.unmountAll(t.real); err != nil {
+		if err := d.unmountAll(t); err != nil {
 			return err
 		}
 	}
 
-	created := false
-	if !t.exists {
-		if err := os.MkdirAll(t.real, 0o750); err != nil {
-			return fmt.Errorf("create target %s: %w", t.real, err)
-		}
-		created = true
-	}
-	if err := d.mounter.BindMount(srcDir, t.real, bindOptions); err != nil {
-		if created {
-			_ = os.Remove(t.real)
-		}
+	h, err := d.mount(srcDir, t)
+	if err != nil {
 		return fmt.Errorf("mount the Workload API socket directory at %s: %w", p.target, err)
 	}
-	if d.hooks.afterMount != nil {
-		d.hooks.afterMount(p.target)
-	}
-	// Check the result rather than trust the mounter.
-	if err := d.mounter.CheckBind(srcDir, t.real); err != nil {
-		return d.rollback(t, created, err)
-	}
-	return d.record(rec, t, created)
+	defer h.close()
+	return d.record(rec, t, h)
 }
 
-// record stores rec durably; on failure it undoes the mount so that no mount
-// is left without a record.
-func (d *Driver) record(rec records.Record, t target, created bool) error {
+// mount opens t from the kubelet root, creating what is missing, attaches
+// the socket directory on the directory it holds open, and checks that the
+// mount is what t now shows. On failure it leaves neither the mount nor the
+// directories it made.
+func (d *Driver) mount(srcDir string, t target) (*dirHandle, error) {
+	h, err := openTarget(t)
+	if err != nil {
+		return nil, err
+	}
+	mnt, err := d.mounter.BindMount(srcDir, h.dir(), bindOptions)
+	if err != nil {
+		h.removeCreated()
+		h.close()
+		return nil, err
+	}
+	if mnt != nil {
+		defer mnt.Close()
+	}
+	if d.hooks.afterMount != nil {
+		d.hooks.afterMount(t.given)
+	}
+	h.waitRenames()
+	// Check the result rather than trust the mounter, through the path as
+	// it resolves now: a rename during the attach may have taken the
+	// directory, and the mount on it, elsewhere.
+	err = d.checkBind(srcDir, h.root(), t)
+	if err == nil {
+		return h, nil
+	}
+	// Detach exactly what was attached, wherever it is.
+	var uerr error
+	if mnt != nil {
+		uerr = d.mounter.Unmount(mnt)
+	} else {
+		uerr = d.unmountTop(h.root(), t)
+	}
+	if uerr == nil {
+		h.removeCreated()
+	}
+	h.close()
+	return nil, errors.Join(err, uerr)
+}
+
+// checkBind checks the mount visible at t, opened beneath root.
+func (d *Driver) checkBind(srcDir string, root *os.File, t target) error {
+	f, err := openBeneath(root, t)
+	if err != nil {
+		return openErr(t.given, err)
+	}
+	defer f.Close()
+	return d.mounter.CheckBind(srcDir, f)
+}
+
+// unmountTop detaches the top mount visible at t, opened beneath root.
+func (d *Driver) unmountTop(root *os.File, t target) error {
+	f, err := openBeneath(root, t)
+	if err != nil {
+		return openErr(t.given, err)
+	}
+	defer f.Close()
+	return d.mounter.Unmount(f)
+}
+
+// record stores rec durably; on failure it undoes the mount and the
+// directories it made, so that no mount is left without a record.
+func (d *Driver) record(rec records.Record, t target, h *dirHandle) error {
 	rec.PublishedAt = d.now().UTC()
 	if err := d.records.Put(rec); err != nil {
-		return d.rollback(t, created, err)
+		return d.rollback(t, h, err)
 	}
 	if d.hooks.afterRecord != nil {
 		d.hooks.afterRecord(rec.TargetPath)
@@ -153,12 +202,14 @@ func (d *Driver) record(rec records.Record, t target, created bool) error {
 	return nil
 }
 
-func (d *Driver) rollback(t target, created bool, cause error) error {
-	if err := d.unmountAll(t.real); err != nil {
+// rollback undoes a mount of t; h, when not nil, holds the directories
+// that publish made.
+func (d *Driver) rollback(t target, h *dirHandle, cause error) error {
+	if err := d.unmountAll(t); err != nil {
 		return errors.Join(cause, err)
 	}
-	if created {
-		_ = os.Remove(t.real)
+	if h != nil {
+		h.removeCreated()
 	}
 	return cause
 }
@@ -172,6 +223,12 @@ func sameRecord(a, b records.Record) bool {
 // then the record. A crash between the steps leaves a record without a mount,
 // which Reconcile drops. A target that is gone (node reboot) or never existed
 // is a success.
+//
+// It takes away only what publish gave: a target recorded for another
+// volume is NotFound (CSI: no such volume at this target), and a mount
+// stack that does not start with a bind of the socket directory (another
+// driver's, or what a refused publish found) is FailedPrecondition; both
+// are left as they are. Layers stacked on a mount of ours go with it.
 func (d *Driver) unpublish(volumeID, targetPath string) error {
 	if err := validateVolumeID(volumeID); err != nil {
 		return err
@@ -188,19 +245,25 @@ func (d *Driver) unpublish(volumeID, targetPath string) error {
 	if err != nil {
 		return err
 	}
+	rec, had := d.records.ByTarget(targetPath)
+	if had && rec.VolumeID != volumeID {
+		return notFoundf("volume %s is not published at %s: the target holds volume %s", volumeID, targetPath, rec.VolumeID)
+	}
 
 	if t.exists {
-		if err := d.unmountAll(t.real); err != nil {
+		if err := d.checkOwnMount(t); err != nil {
 			return err
 		}
-		if err := os.Remove(t.real); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		if err := d.unmountAll(t); err != nil {
+			return err
+		}
+		if err := removeTarget(t); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			if errors.Is(err, syscall.ENOTEMPTY) || errors.Is(err, syscall.EEXIST) {
 				return conflictf("target path %s is not empty after unmounting; it holds files the driver did not create", targetPath)
 			}
 			return fmt.Errorf("remove target %s: %w", targetPath, err)
 		}
 	}
-	rec, had := d.records.ByTarget(targetPath)
 	if err := d.records.Delete(targetPath); err != nil {
 		return err
 	}
@@ -213,13 +276,60 @@ func (d *Driver) unpublish(volumeID, targetPath string) error {
 	return nil
 }
 
+// removeTarget removes the target directory from its parent, opened
+// beneath the kubelet root: a symlink swapped into the path makes it fail
+// rather than remove a directory elsewhere.
+func removeTarget(t target) error {
+	root, err := openRoot(t)
+	if err != nil {
+		return err
+	}
+	defer root.Close()
+	dir, name := filepath.Split(t.rel)
+	pfd, err := openDirAt(int(root.Fd()), filepath.Clean(dir))
+	if err != nil {
+		return openErr(t.given, err)
+	}
+	defer unix.Close(pfd)
+	return unix.Unlinkat(pfd, name, unix.AT_REMOVEDIR)
+}
+
+// checkOwnMount refuses a target whose mount stack does not start with a
+// bind of the socket directory. An unmounted target passes.
+func (d *Driver) checkOwnMount(t target) error {
+	mounted, err := d.mounter.IsMountPoint(t.real)
+	if err != nil || !mounted {
+		return err
+	}
+	// The socket dir may be gone (the agent recreates it); its mounts still
+	// show the path it had.
+	srcDir, err := d.socketSource()
+	if err != nil {
+		srcDir = d.socketDir
+	}
+	table, src, err := d.tableWith(srcDir)
+	if err != nil {
+		return err
+	}
+	if b := bottom(layersAt(table, t.real)); b != nil && !src.owns(b) && !src.ownsStale(b) {
+		return conflictf("target path %s holds a mount that is not the driver's (%s, %s%s); leaving it", t.given, b.Source, b.FSType, b.Root)
+	}
+	return nil
+}
+
 // maxLayers bounds the unmount loop: nothing legitimate stacks this deep.
 const maxLayers = 64
 
-// unmountAll removes every mount stacked at the resolved path mountpoint.
-func (d *Driver) unmountAll(mountpoint string) error {
+// unmountAll removes every mount stacked at t, each through a handle on
+// the mount visible there, opened beneath the kubelet root.
+func (d *Driver) unmountAll(t target) error {
+	root, err := openRoot(t)
+	if err != nil {
+		return err
+	}
+	defer root.Close()
 	for i := 0; i <= maxLayers; i++ {
-		mounted, err := d.mounter.IsMountPoint(mountpoint)
+		mounted, err := d.mounter.IsMountPoint(t.real)
 		if err != nil {
 			return err
 		}
@@ -229,9 +339,9 @@ func (d *Driver) unmountAll(mountpoint string) error {
 		if i == maxLayers {
 			break
 		}
-		if err := d.mounter.Unmount(mountpoint); err != nil {
-			return fmt.Errorf("unmount %s: %w", mountpoint, err)
+		if err := d.unmountTop(root, t); err != nil {
+			return fmt.Errorf("unmount %s: %w", t.real, err)
 		}
 	}
-	return fmt.Errorf("%s still holds mounts after %d unmounts", mountpoint, maxLayers)
+	return fmt.Errorf("%s still holds mounts after %d unmounts", t.real, maxLayers)
 }

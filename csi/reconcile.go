@@ -5,8 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
 	"path/filepath"
+	"strings"
 
 	"k8s.io/klog/v2"
 )
@@ -17,7 +17,10 @@ type reconcileResult struct {
 	Dropped  []string // records dropped: their target no longer holds our mount
 	Orphans  []string // mounts of ours without a record, unmounted
 	Repaired []string // recorded mounts that were stacked or not read-only, mounted afresh
-	Failed   []error  // targets left as they were: one bad target must not stop the node's agent
+	// Unrecorded are mounts of ours without a record, kept because the
+	// records journal was damaged: their records may be among the lost.
+	Unrecorded []string
+	Failed     []error // targets left as they were: one bad target must not stop the node's agent
 }
 
 // Reconcile makes the records and the mount table agree; call it on start,
@@ -25,7 +28,9 @@ type reconcileResult struct {
 // reboot, a crash during unpublish) are dropped. A mount of the socket
 // directory under the kubelet's pods directory without a record is the
 // orphan of a crash between mount and record: it is unmounted and the
-// kubelet's retry publishes it again.
+// kubelet's retry publishes it again. Unless the records journal was
+// damaged (records.Store.Quarantined): then the mount may be a live pod's
+// whose record was lost, and it is kept and logged.
 //
 // Only a failure that concerns every target (the mount table unreadable,
 // the socket dir missing) is returned: a single target that cannot be
@@ -58,30 +63,33 @@ func (d *Driver) reconcile(ctx context.Context) (reconcileResult, error) {
 		if err := ctx.Err(); err != nil {
 			return res, err
 		}
-		real, ok := d.realPath(realRoot, rec.TargetPath)
+		t, ok := d.recordedTarget(realRoot, rec.TargetPath)
 		state, why := stateUnmounted, "the target path is not a CSI volume path of the kubelet"
 		if ok {
-			state, why = classify(layersAt(table, real), src)
+			state, why = classify(layersAt(table, t.real), src)
 		}
 		switch state {
 		case stateOurs:
-			recorded[real] = true
+			recorded[t.real] = true
 			res.Kept++
 			continue
 		case stateOursBroken:
 			klog.InfoS("Repairing a recorded mount", "target", rec.TargetPath, "volume_id", rec.VolumeID, "reason", why)
-			err := d.unmountAll(real)
+			err := d.unmountAll(t)
 			if err == nil {
-				err = d.mounter.BindMount(srcDir, real, bindOptions)
+				var h *dirHandle
+				if h, err = d.mount(srcDir, t); err == nil {
+					h.close()
+				}
 			}
 			if err == nil {
-				recorded[real] = true
+				recorded[t.real] = true
 				res.Kept++
 				res.Repaired = append(res.Repaired, rec.TargetPath)
 				continue
 			}
 			res.Failed = append(res.Failed, fmt.Errorf("repair mount at %s: %w", rec.TargetPath, err))
-			_ = d.unmountAll(real)
+			_ = d.unmountAll(t)
 		}
 		if err := d.records.Delete(rec.TargetPath); err != nil {
 			res.Failed = append(res.Failed, err)
@@ -95,6 +103,7 @@ func (d *Driver) reconcile(ctx context.Context) (reconcileResult, error) {
 	if realRoot == "" {
 		return res, nil
 	}
+	quarantined := d.records.Quarantined()
 	podsDir := filepath.Join(realRoot, "pods")
 	seen := map[string]bool{}
 	for _, m := range table {
@@ -105,33 +114,42 @@ func (d *Driver) reconcile(ctx context.Context) (reconcileResult, error) {
 		seen[mp] = true
 		// Only CSI volume paths are ours to clean: the kubelet's subPath binds
 		// (pods/<uid>/volume-subpaths/...) may show the socket dir too.
-		if _, _, err := splitTarget(realRoot, mp); err != nil {
+		uid, rel, err := splitTarget(realRoot, mp)
+		if err != nil {
 			continue
 		}
 		if state, _ := classify(layersAt(table, mp), src); state != stateOurs && state != stateOursBroken {
 			continue
 		}
-		if err := d.unmountAll(mp); err != nil {
+		if len(quarantined) > 0 {
+			klog.ErrorS(nil, "Keeping a socket mount that has no record: the records journal was damaged and its record may be among the lost lines; the pod's identity checks fail until it is published again",
+				"target", mp, "pod_uid", uid, "path", strings.Join(quarantined, ","))
+			res.Unrecorded = append(res.Unrecorded, mp)
+			continue
+		}
+		orphan := target{given: mp, real: mp, root: realRoot, rel: rel, podUID: uid, exists: true}
+		if err := d.unmountAll(orphan); err != nil {
 			res.Failed = append(res.Failed, err)
 			continue
 		}
-		_ = os.Remove(mp)
+		_ = removeTarget(orphan)
 		res.Orphans = append(res.Orphans, mp)
 		klog.InfoS("Unmounted a socket mount that had no record (crash between mount and record)", "target", mp)
 	}
 	return res, nil
 }
 
-// realPath maps a recorded target to the resolved kubelet root, lexically.
-func (d *Driver) realPath(realRoot, given string) (string, bool) {
+// recordedTarget maps a recorded target to the resolved kubelet root,
+// lexically.
+func (d *Driver) recordedTarget(realRoot, given string) (target, bool) {
 	if realRoot == "" {
-		return "", false
+		return target{}, false
 	}
-	_, rel, err := splitTarget(d.kubeletRoot, given)
+	uid, rel, err := splitTarget(d.kubeletRoot, given)
 	if err != nil {
-		if _, rel, err = splitTarget(realRoot, given); err != nil {
-			return "", false
+		if uid, rel, err = splitTarget(realRoot, given); err != nil {
+			return target{}, false
 		}
 	}
-	return filepath.Join(realRoot, rel), true
+	return target{given: given, real: filepath.Join(realRoot, rel), root: realRoot, rel: rel, podUID: uid, exists: true}, true
 }

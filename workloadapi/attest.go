@@ -46,6 +46,9 @@ func (s *Server) attest(ctx context.Context) (caller, error) {
 	if !ok {
 		return caller{}, status.Error(codes.Internal, "no peer credentials on this connection")
 	}
+	if reason, revoked := info.Revoked(); revoked {
+		return caller{}, status.Error(codes.PermissionDenied, reason)
+	}
 	if info.PID <= 0 {
 		return caller{}, status.Error(codes.PermissionDenied, "caller is outside the agent's PID namespace (the agent needs the host PID namespace)")
 	}
@@ -70,16 +73,18 @@ func (s *Server) attest(ctx context.Context) (caller, error) {
 	// connected would otherwise be attested as that binary's owner.
 	if err := sameCredentials(info, attrs); err != nil {
 		klog.InfoS("Caller's credentials changed since it connected; denied, connection closed", "pid", info.PID, "err", err)
-		_ = info.CloseConnection()
-		return caller{}, status.Errorf(codes.PermissionDenied, "caller credentials changed since connect: %v", err)
+		reason := fmt.Sprintf("caller credentials changed since connect: %v; this connection is closed", err)
+		info.Revoke(reason)
+		return caller{}, status.Error(codes.PermissionDenied, reason)
 	}
 	// Only now that the facts are read do we know whether they were read
 	// from the process that connected and not from a successor on its PID.
 	if err := info.Alive(); err != nil {
 		klog.InfoS("Caller gone before attestation completed; denied, connection closed", "pid", info.PID, "err", err)
 		// Whoever still holds the socket is not the process we attested.
-		_ = info.CloseConnection()
-		return caller{}, status.Error(codes.PermissionDenied, "caller process exited during attestation")
+		const reason = "caller process exited during attestation; this connection is closed"
+		info.Revoke(reason)
+		return caller{}, status.Error(codes.PermissionDenied, reason)
 	}
 	return caller{pid: info.PID, attrs: attrs, info: info}, nil
 }

@@ -678,3 +678,25 @@ func TestStreamEndsWhenEntitlementIsLost(t *testing.T) {
 		t.Fatalf("bundle stream: %v, want PermissionDenied", err)
 	}
 }
+
+// A caller whose credentials changed is told why: PermissionDenied with the
+// reason, on that call and on any later one on the same connection, before
+// the connection goes.
+func TestCredentialsChangedRefusalCarriesReason(t *testing.T) {
+	testutil.RequireRoot(t)
+	a := startAgent(t, agentConfig{svids: []rules.SVID{
+		uidRule("/root", "0"),
+		uidRule("/nobody", "65534"),
+	}})
+	for i := range 5 {
+		cmd := exec.Command(os.Args[0], "-test.run=^$")
+		cmd.Env = append(os.Environ(), childEnv+"=setuid-after-connect", "SPIFFE_ENDPOINT_SOCKET="+a.addr())
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("child: %v\n%s", err, out)
+		}
+		if got := strings.TrimSpace(string(out)); got != "first=spiffe://example.org/root second=PermissionDenied" {
+			t.Fatalf("run %d: child reported %q, want PermissionDenied rather than a dropped connection", i, got)
+		}
+	}
+}

@@ -61,6 +61,7 @@ type slot struct {
 	key      string
 	proven   atomic.Bool
 	released atomic.Bool
+	revoked  atomic.Pointer[string] // why the connection may no longer be served
 }
 
 func (a *admission) admit(info Info) (*slot, error) {

@@ -12,6 +12,7 @@ import (
 	"os"
 	"strconv"
 	"syscall"
+	"time"
 
 	sysunix "golang.org/x/sys/unix"
 
@@ -44,6 +45,35 @@ type Info struct {
 	closeConn func() error
 	// slot counts the connection against the Limits.
 	slot *slot
+}
+
+// revokeGrace is how long a revoked connection stays open: long enough for
+// the refusal to reach the client, so it sees the reason and not an EOF.
+const revokeGrace = 500 * time.Millisecond
+
+// Revoke ends the connection for good: Revoked reports why from now on, so
+// every later call on it can be refused before any work, and the
+// connection is closed shortly after. For a caller whose process is gone or
+// changed credentials: whoever still holds the socket is not who connected.
+func (i Info) Revoke(reason string) {
+	if i.slot == nil {
+		_ = i.CloseConnection()
+		return
+	}
+	if i.slot.revoked.CompareAndSwap(nil, &reason) {
+		time.AfterFunc(revokeGrace, func() { _ = i.CloseConnection() })
+	}
+}
+
+// Revoked returns the reason the connection was revoked, if it was.
+func (i Info) Revoked() (string, bool) {
+	if i.slot == nil {
+		return "", false
+	}
+	if r := i.slot.revoked.Load(); r != nil {
+		return *r, true
+	}
+	return "", false
 }
 
 // MarkEntitled records that the caller was served an identity: its

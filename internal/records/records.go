@@ -5,8 +5,11 @@
 // Records live in an append-only journal: a publish or unpublish appends one
 // line and fdatasyncs once before it is acknowledged, which keeps the
 // kubelet's publish path at a single disk flush. Open replays the journal and
-// rewrites it compacted; a torn last line (a crash mid-append) was never
-// acknowledged and is dropped.
+// rewrites it compacted; a torn last line (no newline: a crash mid-append)
+// was never acknowledged and is dropped. A whole line that does not parse
+// may have been acknowledged: the journal is copied aside first and the
+// store reports itself damaged (Quarantined), so that nobody treats a mount
+// without a record as an orphan.
 package records
 
 import (
@@ -16,6 +19,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sort"
+	"strconv"
 	"sync"
 	"time"
 
@@ -55,6 +60,9 @@ type entry struct {
 
 const (
 	journalName = "records.log"
+	// quarantinePrefix names the copies of damaged journals; while one is in
+	// the directory the store is damaged.
+	quarantinePrefix = journalName + ".corrupt-"
 	// Compact once the journal holds this many more lines than live records.
 	compactSlack = 1024
 )
@@ -68,14 +76,32 @@ type Store struct {
 	byPod    map[string]map[string]struct{} // pod UID → targets
 	journal  *os.File
 	lock     *os.File
-	size     int64 // bytes of whole lines in the journal
+	size     int64 // bytes of whole lines in the journal, damaged ones too
 	lines    int
+	// bad lists the whole lines of the replayed journal that did not parse.
+	bad []badLine
+	// quarantined holds the evidence of damage: copies of damaged journals,
+	// or the journal itself when it could not be copied.
+	quarantined []string
+	// keepJournal stops compaction: the journal is the only copy of lines
+	// that did not parse.
+	keepJournal bool
+}
+
+// badLine is a whole journal line that did not parse.
+type badLine struct {
+	n   int // 1-based
+	err error
 }
 
 // Open loads the records in dir for reading and writing, creating dir (0700)
 // when absent. One process at a time: a second Open of the same dir fails
-// while the first holds it. A damaged line other than a torn last one is an
-// error: records decide who gets identities, so damage is not ignored.
+// while the first holds it.
+//
+// A whole line that does not parse is not an error: one bad byte must not
+// cost every pod on the node its identity. Open copies the journal aside
+// (records.log.corrupt-<unix time>), keeps every good record and reports
+// the damage through Quarantined, so callers keep what has no record.
 func Open(dir string) (*Store, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create records dir: %w", err)
@@ -86,9 +112,24 @@ func Open(dir string) (*Store, error) {
 	}
 	s := newStore(dir)
 	s.lock = lock
-	if err := s.replay(filepath.Join(dir, journalName)); err != nil {
+	data, err := s.replay(filepath.Join(dir, journalName))
+	if err != nil {
 		lock.Close()
 		return nil, err
+	}
+	if err := s.findQuarantined(); err != nil {
+		lock.Close()
+		return nil, err
+	}
+	if len(s.bad) > 0 {
+		s.quarantine(data)
+	}
+	if s.keepJournal {
+		if err := s.reopenJournalLocked(); err != nil {
+			lock.Close()
+			return nil, err
+		}
+		return s, nil
 	}
 	if err := s.compactLocked(); err != nil {
 		// A full disk must not keep the node's pods from identities: the
@@ -125,12 +166,94 @@ func (s *Store) reopenJournalLocked() error {
 	return nil
 }
 
+// quarantine copies the damaged journal aside, durably, before anything
+// rewrites it. If the copy fails (a full disk), the journal itself is the
+// evidence and is never compacted in this process.
+func (s *Store) quarantine(data []byte) {
+	journal := filepath.Join(s.dir, journalName)
+	for _, b := range s.bad {
+		klog.ErrorS(b.err, "Records journal line does not parse; quarantining the journal, keeping every mount", "path", journal, "line", b.n)
+	}
+	path, err := writeQuarantine(s.dir, data, time.Now())
+	if err != nil {
+		klog.ErrorS(err, "Could not copy the damaged records journal aside; keeping it as it is", "path", journal)
+		s.keepJournal = true
+		s.quarantined = append(s.quarantined, journal)
+		return
+	}
+	klog.ErrorS(nil, "Quarantined the damaged records journal: records of the damaged lines are lost, their mounts are kept; remove the copy once reviewed", "path", path)
+	s.quarantined = append(s.quarantined, path)
+}
+
+// writeQuarantine writes data to a new records.log.corrupt-<unix time>[-n]
+// (0600), flushed with its directory entry, and returns its path.
+func writeQuarantine(dir string, data []byte, now time.Time) (string, error) {
+	base := filepath.Join(dir, quarantinePrefix+strconv.FormatInt(now.Unix(), 10))
+	for i := 0; i < 100; i++ {
+		path := base
+		if i > 0 {
+			path = base + "-" + strconv.Itoa(i)
+		}
+		f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+		if errors.Is(err, os.ErrExist) {
+			continue
+		}
+		if err != nil {
+			return "", fmt.Errorf("create quarantine copy: %w", err)
+		}
+		_, err = f.Write(data)
+		if err == nil {
+			err = f.Sync()
+		}
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err == nil {
+			err = fsutil.SyncDir(dir)
+		}
+		if err != nil {
+			_ = os.Remove(path)
+			return "", fmt.Errorf("write quarantine copy %s: %w", path, err)
+		}
+		return path, nil
+	}
+	return "", fmt.Errorf("quarantine copies %s-* all taken", base)
+}
+
+// findQuarantined lists the quarantine copies already in the directory: the
+// damage outlives the restart that compacted it away, until an operator has
+// reviewed and removed the copy.
+func (s *Store) findQuarantined() error {
+	found, err := filepath.Glob(filepath.Join(s.dir, quarantinePrefix+"*"))
+	if err != nil {
+		return fmt.Errorf("list quarantined journals: %w", err)
+	}
+	sort.Strings(found)
+	s.quarantined = append(s.quarantined, found...)
+	return nil
+}
+
+// Quarantined returns the paths that hold evidence of a damaged journal
+// (copies set aside by Open, or the journal itself when it could not be
+// copied); empty when the records are whole. While it is not empty, a mount
+// without a record may belong to a lost record: keep it.
+func (s *Store) Quarantined() []string {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return append([]string(nil), s.quarantined...)
+}
+
 // Load reads the records in dir without taking or changing anything, for
-// inspection while an agent runs.
+// inspection while an agent runs. A whole line that does not parse is an
+// error here: Load has no one to report the damage to.
 func Load(dir string) ([]Record, error) {
 	s := newStore(dir)
-	if err := s.replay(filepath.Join(dir, journalName)); err != nil {
+	path := filepath.Join(dir, journalName)
+	if _, err := s.replay(path); err != nil {
 		return nil, err
+	}
+	if len(s.bad) > 0 {
+		return nil, fmt.Errorf("records journal %s line %d: %w", path, s.bad[0].n, s.bad[0].err)
 	}
 	return s.All(), nil
 }
@@ -139,42 +262,45 @@ func newStore(dir string) *Store {
 	return &Store{dir: dir, byTarget: map[string]Record{}, byPod: map[string]map[string]struct{}{}}
 }
 
-func (s *Store) replay(path string) error {
+// replay applies the journal at path and returns its content. Whole lines
+// that do not parse are collected in s.bad; a torn last line is dropped.
+func (s *Store) replay(path string) ([]byte, error) {
 	data, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) {
-		return nil
+		return nil, nil
 	}
 	if err != nil {
-		return fmt.Errorf("read records journal: %w", err)
+		return nil, fmt.Errorf("read records journal: %w", err)
 	}
-	lines := bytes.SplitAfter(data, []byte("\n"))
-	for n, line := range lines {
-		last := n == len(lines)-1 || n == len(lines)-2 && len(lines[n+1]) == 0
+	s.parse(path, data)
+	return data, nil
+}
+
+// parse applies the journal data read from path.
+func (s *Store) parse(path string, data []byte) {
+	for n, line := range bytes.SplitAfter(data, []byte("\n")) {
 		if len(line) == 0 {
 			continue
 		}
+		if !bytes.HasSuffix(line, []byte("\n")) {
+			// Only the last line can lack its newline: the append never
+			// completed, was never acknowledged, and dropping it loses nothing.
+			klog.InfoS("Dropped an incomplete last line of the records journal", "path", path, "line", n+1)
+			continue
+		}
+		s.size += int64(len(line))
+		s.lines++
 		var e entry
 		err := json.Unmarshal(bytes.TrimSuffix(line, []byte("\n")), &e)
-		if err == nil && !bytes.HasSuffix(line, []byte("\n")) {
-			// Acknowledged lines end in a newline: this write was cut short.
-			err = errors.New("no newline")
-		}
 		if err == nil {
 			err = s.apply(e)
 		}
-		switch {
-		case err == nil:
-			s.size += int64(len(line))
-			s.lines++
-		case last:
-			// The last append never completed (no newline, or a write cut
-			// short): it was never acknowledged, so dropping it loses nothing.
-			klog.InfoS("Dropped an incomplete last line of the records journal", "journal", path, "line", n+1, "err", err)
-		default:
-			return fmt.Errorf("records journal %s line %d: %w", path, n+1, err)
+		if err != nil {
+			// A whole line may have been acknowledged: it is damage, not a
+			// crash, and whatever it recorded must not be taken for absent.
+			s.bad = append(s.bad, badLine{n: n + 1, err: err})
 		}
 	}
-	return nil
 }
 
 func (s *Store) apply(e entry) error {
@@ -302,7 +428,7 @@ func (s *Store) cutBackLocked() {
 // rewrite is made from. A failure is not fatal: the operation's line is
 // already durable, and compaction is tried again next time.
 func (s *Store) maybeCompactLocked() {
-	if s.lines > len(s.byTarget)+compactSlack {
+	if !s.keepJournal && s.lines > len(s.byTarget)+compactSlack {
 		_ = s.compactLocked()
 	}
 }

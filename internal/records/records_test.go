@@ -1,6 +1,7 @@
 package records
 
 import (
+	"bytes"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -105,52 +106,114 @@ func TestTornLastLineDropped(t *testing.T) {
 	}
 }
 
-func TestDamagedJournalRefused(t *testing.T) {
-	// Damage before the last line: acknowledged records may be lost, so
-	// the store refuses to open rather than guess.
+// A whole line that does not parse may have been acknowledged: Open keeps
+// every good record, copies the journal aside before compacting it, and
+// reports the damage, wherever the line is. (It used to refuse to open over
+// a bad middle line, which cost every pod on the node its identity, and to
+// drop a bad last line silently, which lost that pod's record.)
+func TestDamagedLineQuarantined(t *testing.T) {
 	good := `{"op":"put","record":{"podUID":"u","targetPath":"/ok"}}` + "\n"
-	cases := map[string]string{
+	later := `{"op":"put","record":{"podUID":"v","targetPath":"/later"}}` + "\n"
+	bads := map[string]string{
 		"garbage line":  "not json\n",
 		"unknown op":    `{"op":"frob"}` + "\n",
 		"put no record": `{"op":"put"}` + "\n",
 		"record no uid": `{"op":"put","record":{"targetPath":"/a"}}` + "\n",
 		"del no target": `{"op":"del"}` + "\n",
 		"cut short":     `{"op":"put","rec` + "\n",
+		"zeros":         "\x00\x00\x00\n",
 	}
-	for name, bad := range cases {
-		t.Run(name, func(t *testing.T) {
-			dir := t.TempDir()
-			path := filepath.Join(dir, journalName)
-			content := bad + good
-			if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
-				t.Fatal(err)
-			}
-			if _, err := Open(dir); err == nil || !strings.Contains(err.Error(), "line 1") {
-				t.Fatalf("damaged journal: %v", err)
-			}
-			// Left as it was, for an operator to look at.
-			if got, _ := os.ReadFile(path); string(got) != content {
-				t.Error("damaged journal was rewritten")
-			}
-		})
+	for name, bad := range bads {
+		for _, where := range []string{"middle", "last"} {
+			t.Run(name+" "+where, func(t *testing.T) {
+				dir := t.TempDir()
+				path := filepath.Join(dir, journalName)
+				content, want, wantAfter := good+bad+later, "/later,/ok", "/later,/new,/ok"
+				if where == "last" {
+					content, want, wantAfter = good+bad, "/ok", "/new,/ok"
+				}
+				if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+					t.Fatal(err)
+				}
+				s, err := Open(dir)
+				if err != nil {
+					t.Fatalf("damaged journal refused: %v", err)
+				}
+				if got := strings.Join(targets(s.All()), ","); got != want {
+					t.Errorf("records %s, want %s", got, want)
+				}
+				q := s.Quarantined()
+				if len(q) != 1 || !strings.HasPrefix(filepath.Base(q[0]), quarantinePrefix) {
+					t.Fatalf("quarantined %v", q)
+				}
+				if got, err := os.ReadFile(q[0]); err != nil || string(got) != content {
+					t.Fatalf("quarantine copy %q, %v; want the journal as it was", got, err)
+				}
+				if fi, err := os.Stat(q[0]); err != nil || fi.Mode().Perm() != 0o600 {
+					t.Errorf("quarantine copy mode: %v %v", fi, err)
+				}
+				// The store works, and stays damaged across a restart: the
+				// compacted journal no longer shows the bad line, the copy does.
+				if err := s.Put(rec("/new", "w")); err != nil {
+					t.Fatal(err)
+				}
+				s.Close()
+				s2 := open(t, dir)
+				if got := s2.Quarantined(); len(got) != 1 || got[0] != q[0] {
+					t.Errorf("after reopen: quarantined %v, want %v", got, q)
+				}
+				if got := strings.Join(targets(s2.All()), ","); got != wantAfter {
+					t.Errorf("after reopen: records %s", got)
+				}
+				if _, err := Load(dir); err != nil {
+					t.Errorf("Load of the compacted journal: %v", err)
+				}
+			})
+		}
+	}
+}
+
+func TestLoadReportsDamage(t *testing.T) {
+	dir := t.TempDir()
+	content := "not json\n" + `{"op":"put","record":{"podUID":"u","targetPath":"/ok"}}` + "\n"
+	if err := os.WriteFile(filepath.Join(dir, journalName), []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Load(dir); err == nil || !strings.Contains(err.Error(), "line 1") {
+		t.Fatalf("Load of a damaged journal: %v", err)
+	}
+	if got, _ := os.ReadFile(filepath.Join(dir, journalName)); string(got) != content {
+		t.Error("Load changed the journal")
 	}
 }
 
 func TestDamagedLastLineDropped(t *testing.T) {
-	// A last line that does not decode was never acknowledged, even when
-	// a newline made it to disk (a write cut short): drop it and go on.
+	// A last line without its newline was never acknowledged: drop it and
+	// go on, with no damage reported. A last line with its newline may have
+	// been: keep the good records and report the damage.
 	good := `{"op":"put","record":{"podUID":"u","targetPath":"/ok"}}` + "\n"
-	for _, tail := range []string{`{"op":"put","rec` + "\n", "\x00\x00\x00\n", `{"op":"frob"}`} {
+	for _, tc := range []struct {
+		tail    string
+		damaged bool
+	}{
+		{`{"op":"put","rec` + "\n", true},
+		{"\x00\x00\x00\n", true},
+		{`{"op":"frob"}`, false},
+		{`{"op":"put","record":{"podUID":"u2","targetPath":"/torn"}}`, false},
+	} {
 		dir := t.TempDir()
-		if err := os.WriteFile(filepath.Join(dir, journalName), []byte(good+tail), 0o600); err != nil {
+		if err := os.WriteFile(filepath.Join(dir, journalName), []byte(good+tc.tail), 0o600); err != nil {
 			t.Fatal(err)
 		}
 		s, err := Open(dir)
 		if err != nil {
-			t.Fatalf("tail %q: %v", tail, err)
+			t.Fatalf("tail %q: %v", tc.tail, err)
 		}
 		if got := targets(s.All()); strings.Join(got, ",") != "/ok" {
-			t.Errorf("tail %q: records %v", tail, got)
+			t.Errorf("tail %q: records %v", tc.tail, got)
+		}
+		if got := len(s.Quarantined()) > 0; got != tc.damaged {
+			t.Errorf("tail %q: damaged %v, want %v", tc.tail, got, tc.damaged)
 		}
 		s.Close()
 	}
@@ -325,4 +388,44 @@ func TestCompactionKeepsTheOperationThatTriggeredIt(t *testing.T) {
 			}
 		})
 	}
+}
+
+// Whatever the journal holds, replay keeps only valid records, in step
+// with their pod index, counts every whole line, and reports each whole
+// line that does not parse.
+func FuzzParseJournal(f *testing.F) {
+	good := `{"op":"put","record":{"podUID":"u","targetPath":"/ok"}}` + "\n"
+	for _, seed := range []string{"", good, good + "not json\n", "\x00\n" + good, good + `{"op":"del","target":"/ok"}` + "\n", good + `{"op":"put","rec`} {
+		f.Add([]byte(seed))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		s := newStore("")
+		s.parse("fuzz", data)
+		whole := bytes.LastIndexByte(data, '\n') + 1
+		if s.size != int64(whole) || s.lines != bytes.Count(data, []byte("\n")) {
+			t.Fatalf("size %d lines %d, want %d and %d", s.size, s.lines, whole, bytes.Count(data, []byte("\n")))
+		}
+		n := 0
+		for uid, targets := range s.byPod {
+			for target := range targets {
+				if r, ok := s.byTarget[target]; !ok || r.PodUID != uid {
+					t.Fatalf("pod index %s -> %s out of step: %+v", uid, target, r)
+				}
+				n++
+			}
+		}
+		for _, r := range s.byTarget {
+			if r.validate() != nil {
+				t.Fatalf("invalid record kept: %+v", r)
+			}
+		}
+		if n != len(s.byTarget) {
+			t.Fatalf("pod index holds %d targets, records %d", n, len(s.byTarget))
+		}
+		for _, b := range s.bad {
+			if b.n < 1 || b.n > s.lines || b.err == nil {
+				t.Fatalf("bad line %+v of %d", b, s.lines)
+			}
+		}
+	})
 }
