@@ -23,7 +23,7 @@ FUZZ_TARGETS := \
 	./internal/ca:FuzzParseCertificatesPEM \
 	./internal/ca:FuzzParseState
 
-.PHONY: all build test unit fuzz e2e kind-e2e bench vet image clean
+.PHONY: all build test unit fuzz e2e kind-e2e soak bench vet image clean
 
 all: build
 
@@ -51,6 +51,12 @@ e2e:
 
 kind-e2e:
 	bash tests/kind-e2e.sh
+
+# 1,000 streams with a rotation every minute and hostile bursts, under the
+# 256 MiB cgroup, for SOAK (default 30m); as root. Not part of `make test`.
+SOAK ?= 30m
+soak:
+	CSI_AGENT_SOAK=$(SOAK) $(GO) test -count=1 -v -timeout 0 -run '^TestSoak$$' ./tests/attack
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem -count=1 ./...

@@ -86,6 +86,9 @@ func jwtID(token string) string {
 	return ""
 }
 
+// JWTExpiryLeeway is how long after its exp a JWT-SVID still validates.
+const JWTExpiryLeeway = 10 * time.Second
+
 // ValidateJWTSVID checks a token against the bundle of its trust domain.
 func (s *Server) ValidateJWTSVID(ctx context.Context, req *workloadpb.ValidateJWTSVIDRequest) (*workloadpb.ValidateJWTSVIDResponse, error) {
 	if err := checkHeader(ctx); err != nil {
@@ -106,6 +109,12 @@ func (s *Server) ValidateJWTSVID(ctx context.Context, req *workloadpb.ValidateJW
 	svid, err := jwtsvid.ParseAndValidate(req.Svid, s.jwtSource(), []string{req.Audience})
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "invalid JWT-SVID: %v", err)
+	}
+	// go-spiffe accepts a token for a minute past its expiry (go-jose's
+	// default leeway); a JWT-SVID cannot be revoked, so allow only the skew
+	// our own certificates are backdated for.
+	if now := time.Now(); now.After(svid.Expiry.Add(JWTExpiryLeeway)) {
+		return nil, status.Errorf(codes.InvalidArgument, "invalid JWT-SVID: expired at %s, more than %s ago", svid.Expiry.UTC().Format(time.RFC3339), JWTExpiryLeeway)
 	}
 	claims, err := structpb.NewStruct(svid.Claims)
 	if err != nil {

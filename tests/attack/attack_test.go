@@ -32,6 +32,7 @@ const (
 	// Users: nobody has no identity; entitledUID has one, as root does.
 	nobodyUID   = 65534
 	entitledUID = 65533
+	otherUID    = 65532 // no identity either
 )
 
 func TestMain(m *testing.M) {
@@ -49,7 +50,10 @@ type agent struct {
 	log    string
 }
 
-func startAgent(t *testing.T) *agent {
+func startAgent(t *testing.T) *agent { t.Helper(); return startAgentWith(t, "") }
+
+// startAgentWith starts the agent with extra YAML added to its config.
+func startAgentWith(t *testing.T, extra string) *agent {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "csi-agent-attack-")
 	if err != nil {
@@ -71,7 +75,7 @@ func startAgent(t *testing.T) *agent {
 	}
 	cfg := filepath.Join(dir, "config.yaml")
 	rules := fmt.Sprintf("svids:\n- spiffeID: /uid/{unix.uid}\n  rules:\n  - match: {unix.uid: '0'}\n  - match: {unix.uid: '%d'}\n", entitledUID)
-	if err := os.WriteFile(cfg, []byte(rules), 0o644); err != nil {
+	if err := os.WriteFile(cfg, []byte(rules+extra), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	// A copy of this test binary, which other users may run, plays the
