@@ -50,7 +50,9 @@ type KubeletConfig struct {
 	// rotated token is used at once.
 	TokenFile string
 	// CAFile verifies the kubelet's serving certificate; empty: system roots.
-	// Re-read when it changes.
+	// Re-read when it changes. A kubelet's self-signed certificate file
+	// (<root-dir>/pki/kubelet.crt: the certificate and the CA that made it)
+	// also works here and pins that one kubelet.
 	CAFile string
 	// ClientCertFile and ClientKeyFile (PEM) authenticate the agent by
 	// certificate. Re-read when either changes.
@@ -58,6 +60,13 @@ type KubeletConfig struct {
 	// InsecureSkipVerify skips verification of the serving certificate. It
 	// must be asked for explicitly and excludes CAFile.
 	InsecureSkipVerify bool
+	// SendTokenUnverified allows the bearer token to go to a kubelet whose
+	// certificate is not verified (InsecureSkipVerify). Without it that
+	// combination is refused: whatever binds the kubelet's port while the
+	// kubelet is down would receive a token that can read the node's pods.
+	// A client certificate needs no such opt-in: TLS proves possession of
+	// its key without handing the key over.
+	SendTokenUnverified bool
 	// Anonymous sends no credentials at all.
 	Anonymous bool
 	// Timeout bounds one request, connection included.
@@ -93,9 +102,14 @@ func NewKubeletClient(cfg KubeletConfig) (*KubeletClient, error) {
 		return nil, errors.New("kubelet client certificate and key must be given together")
 	case cfg.InsecureSkipVerify && cfg.CAFile != "":
 		return nil, errors.New("kubelet CA file and skip-verify exclude each other")
+	case cfg.SendTokenUnverified && !cfg.InsecureSkipVerify:
+		return nil, errors.New("sending the kubelet token unverified only applies with skip-verify")
+	case cfg.InsecureSkipVerify && cfg.TokenFile != "" && !cfg.SendTokenUnverified:
+		return nil, errors.New("kubelet skip-verify would send the token to whatever listens on the kubelet port: " +
+			"verify the serving certificate with a CA file, use a client certificate, or allow it explicitly")
 	case cfg.Anonymous && (cfg.TokenFile != "" || cfg.ClientCertFile != ""):
 		return nil, errors.New("anonymous kubelet access excludes a token file and a client certificate")
-	case cfg.ReadOnlyPort > 0 && (cfg.TokenFile != "" || cfg.ClientCertFile != "" || cfg.CAFile != "" || cfg.InsecureSkipVerify):
+	case cfg.ReadOnlyPort > 0 && (cfg.TokenFile != "" || cfg.ClientCertFile != "" || cfg.CAFile != "" || cfg.InsecureSkipVerify || cfg.SendTokenUnverified):
 		return nil, errors.New("the kubelet read-only port is plain HTTP and takes no credentials or TLS options")
 	}
 
@@ -158,7 +172,11 @@ func NewKubeletClient(cfg KubeletConfig) (*KubeletClient, error) {
 		// so a rotated CA file takes effect without a restart.
 		InsecureSkipVerify: true, // verified in VerifyConnection, unless skip-verify was asked for
 	}
-	if !cfg.InsecureSkipVerify {
+	if cfg.InsecureSkipVerify {
+		// Loud on purpose: this is an explicit opt-in, not a default.
+		klog.InfoS("WARNING: the kubelet's serving certificate is not verified; credentials go to whatever listens on its port",
+			"url", c.url, "tokenSent", c.tokenFile != "")
+	} else {
 		tlsConfig.VerifyConnection = c.verifyServer
 	}
 	if c.cert != nil {

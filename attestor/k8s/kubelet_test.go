@@ -1,15 +1,18 @@
 package k8s
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
+	"io"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -142,7 +145,7 @@ func TestKubeletClientVerifiesCA(t *testing.T) {
 	}
 
 	// The same kubelet with skip-verify asked for explicitly.
-	c = mustClient(t, KubeletConfig{NodeName: "node-a", Port: k.port(), InsecureSkipVerify: true, TokenFile: tokenFile})
+	c = mustClient(t, KubeletConfig{NodeName: "node-a", Port: k.port(), InsecureSkipVerify: true, SendTokenUnverified: true, TokenFile: tokenFile})
 	listOK(t, c)
 
 	// System roots (no CA file) do not trust a private kubelet CA.
@@ -315,6 +318,9 @@ func TestNewKubeletClientRejectsBadConfig(t *testing.T) {
 		{"read-only port out of range", KubeletConfig{ReadOnlyPort: -1}, "out of range"},
 		{"cert without key", KubeletConfig{ClientCertFile: token}, "together"},
 		{"ca and skip-verify", KubeletConfig{CAFile: ca, InsecureSkipVerify: true, TokenFile: token}, "exclude"},
+		{"skip-verify with a token, not allowed", KubeletConfig{InsecureSkipVerify: true, TokenFile: token}, "would send the token"},
+		{"token-unverified without skip-verify", KubeletConfig{SendTokenUnverified: true, TokenFile: token}, "only applies with skip-verify"},
+		{"read-only with token-unverified", KubeletConfig{ReadOnlyPort: 10255, InsecureSkipVerify: true, SendTokenUnverified: true}, "read-only"},
 		{"anonymous with token", KubeletConfig{Anonymous: true, TokenFile: token}, "anonymous"},
 		{"read-only with token", KubeletConfig{ReadOnlyPort: 10255, TokenFile: token}, "read-only"},
 		{"missing token file", KubeletConfig{TokenFile: filepath.Join(dir, "absent")}, "no such file"},
@@ -329,5 +335,168 @@ func TestNewKubeletClientRejectsBadConfig(t *testing.T) {
 				t.Fatalf("err = %v, want one containing %q", err, tt.want)
 			}
 		})
+	}
+}
+
+// impostor takes the kubelet's port the way any host-network process can
+// while the kubelet is down, and keeps every byte a client sends it after
+// the TLS handshake.
+type impostor struct {
+	l  net.Listener
+	wg sync.WaitGroup
+
+	mu  sync.Mutex
+	got []byte
+}
+
+func startImpostor(t *testing.T, cert tls.Certificate) *impostor {
+	t.Helper()
+	l, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{cert}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	im := &impostor{l: l}
+	im.wg.Add(1)
+	go func() {
+		defer im.wg.Done()
+		for {
+			conn, err := l.Accept()
+			if err != nil {
+				return
+			}
+			im.wg.Add(1)
+			go func() {
+				defer im.wg.Done()
+				im.serve(conn.(*tls.Conn))
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		l.Close()
+		im.wg.Wait()
+	})
+	return im
+}
+
+func (im *impostor) serve(conn *tls.Conn) {
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(5 * time.Second))
+	if err := conn.Handshake(); err != nil {
+		return
+	}
+	var req []byte
+	buf := make([]byte, 4096)
+	for !bytes.Contains(req, []byte("\r\n\r\n")) {
+		n, err := conn.Read(buf)
+		req = append(req, buf[:n]...)
+		if err != nil {
+			break
+		}
+	}
+	im.mu.Lock()
+	im.got = append(im.got, req...)
+	im.mu.Unlock()
+	io.WriteString(conn, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 12\r\nConnection: close\r\n\r\n{\"items\":[]}")
+}
+
+func (im *impostor) port() int { return im.l.Addr().(*net.TCPAddr).Port }
+
+func (im *impostor) received() []byte {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	return append([]byte(nil), im.got...)
+}
+
+// The finding this guards: with the verified default, a process that took
+// the kubelet's port gets nothing, token least of all, whatever
+// certificate it shows.
+func TestKubeletTokenNeverSentToUnverifiedPeer(t *testing.T) {
+	kubeletCA := newTestCA(t, "kubelet-ca")
+	dir := t.TempDir()
+	caFile := writeFile(t, dir, "ca.crt", kubeletCA.pem)
+	const secret = "secret-token-1"
+	tokenFile := writeFile(t, dir, "token", []byte(secret))
+	_, _, clientCert := kubeletCA.issue(t, "node-a", x509.ExtKeyUsageClientAuth, []string{"node-a"}, loopback)
+
+	for _, tc := range []struct {
+		name   string
+		cert   tls.Certificate
+		caFile string
+	}{
+		{"certificate from an unknown CA", newTestCA(t, "attacker").serving(t, []string{"node-a"}, loopback), caFile},
+		{"the right CA, another node's certificate", kubeletCA.serving(t, []string{"node-b"}, nil), caFile},
+		{"the right CA, a client certificate for the node", clientCert, caFile},
+		{"system roots and a private certificate", kubeletCA.serving(t, []string{"node-a"}, loopback), ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			im := startImpostor(t, tc.cert)
+			c := mustClient(t, KubeletConfig{NodeName: "node-a", Port: im.port(), CAFile: tc.caFile, TokenFile: tokenFile})
+			_, err := c.ListPods(context.Background())
+			if !errors.Is(err, attestor.ErrUnavailable) || !strings.Contains(err.Error(), "verify kubelet certificate") {
+				t.Fatalf("err = %v, want Unavailable from certificate verification", err)
+			}
+			c.Close()
+			if got := im.received(); len(got) != 0 {
+				t.Fatalf("the impostor received %d bytes (token included: %v)", len(got), bytes.Contains(got, []byte(secret)))
+			}
+		})
+	}
+
+	// Skipping verification with a token is refused unless asked for twice.
+	im := startImpostor(t, newTestCA(t, "attacker").serving(t, []string{"node-a"}, loopback))
+	if _, err := NewKubeletClient(testKubelet(KubeletConfig{NodeName: "node-a", Port: im.port(), InsecureSkipVerify: true, TokenFile: tokenFile})); err == nil {
+		t.Fatal("skip-verify with a token was accepted without SendTokenUnverified")
+	}
+	// A client certificate alone needs no such opt-in: nothing replayable is sent.
+	certPEM, keyPEM, _ := kubeletCA.issue(t, "agent", x509.ExtKeyUsageClientAuth, nil, nil)
+	c := mustClient(t, KubeletConfig{NodeName: "node-a", Port: im.port(), InsecureSkipVerify: true,
+		ClientCertFile: writeFile(t, dir, "client.crt", certPEM), ClientKeyFile: writeFile(t, dir, "client.key", keyPEM)})
+	if _, err := c.ListPods(context.Background()); err != nil {
+		t.Fatalf("skip-verify with a client certificate: %v", err)
+	}
+	if got := im.received(); bytes.Contains(bytes.ToLower(got), []byte("authorization")) {
+		t.Fatalf("certificate-only client sent an Authorization header: %q", got)
+	}
+	// And the explicit opt-in does what it says: the impostor gets the token.
+	c = mustClient(t, KubeletConfig{NodeName: "node-a", Port: im.port(), InsecureSkipVerify: true, SendTokenUnverified: true, TokenFile: tokenFile})
+	if _, err := c.ListPods(context.Background()); err != nil {
+		t.Fatalf("explicit opt-in: %v", err)
+	}
+	if got := im.received(); !bytes.Contains(got, []byte("Bearer "+secret)) {
+		t.Fatalf("explicit opt-in: the impostor saw %q, want the token", got)
+	}
+}
+
+// A kubelet without a CA-signed serving certificate writes a self-signed
+// one to <root-dir>/pki/kubelet.crt (kubeadm's and kind's default): the
+// certificate followed by the throwaway CA that signed it. Used as the CA
+// file it pins that kubelet, and only it.
+func TestKubeletClientPinsSelfSignedKubeletCert(t *testing.T) {
+	selfCA := newTestCA(t, "node-a-ca@1700000000")
+	leafPEM, keyPEM, _ := selfCA.issue(t, "node-a@1700000000", x509.ExtKeyUsageServerAuth, []string{"node-a"}, nil)
+	dir := t.TempDir()
+	kubeletCrt := writeFile(t, dir, "kubelet.crt", append(append([]byte(nil), leafPEM...), selfCA.pem...))
+	pair, err := tls.X509KeyPair(leafPEM, keyPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := startKubelet(t, standInOptions{tls: &tls.Config{Certificates: []tls.Certificate{pair}}, token: "token-1"})
+	k.setPods(withContainer(newPod("shop", "web", uidN(1), "web-sa"), "app", "nginx:1.27", cidN(1)))
+	tokenFile := writeFile(t, dir, "token", []byte("token-1"))
+
+	c := mustClient(t, KubeletConfig{NodeName: "node-a", Port: k.port(), CAFile: kubeletCrt, TokenFile: tokenFile})
+	listOK(t, c)
+
+	// Another process on the port with its own self-signed certificate for
+	// the same node name does not pass.
+	otherCA := newTestCA(t, "node-a-ca@1700000001")
+	im := startImpostor(t, otherCA.serving(t, []string{"node-a"}, nil))
+	c = mustClient(t, KubeletConfig{NodeName: "node-a", Port: im.port(), CAFile: kubeletCrt, TokenFile: tokenFile})
+	var unknown x509.UnknownAuthorityError
+	if _, err := c.ListPods(context.Background()); !errors.As(err, &unknown) {
+		t.Fatalf("err = %v, want unknown authority", err)
+	}
+	if got := im.received(); len(got) != 0 {
+		t.Fatalf("the impostor received %q", got)
 	}
 }

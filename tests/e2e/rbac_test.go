@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"path/filepath"
 	"testing"
 
 	"github.com/csi-agent/csi-agent/tests/e2e/framework"
@@ -10,7 +11,11 @@ import (
 )
 
 // The deploy RBAC gives the agent what its kubelet client needs and nothing
-// more; asked of the API server's own authorizer.
+// more; asked of the API server's own authorizer. GET /pods is "get
+// nodes/pods" on kubelets with fine-grained authorization (v1.33+, this
+// node's v1.34 included); nodes/proxy, which would also authorize exec, is
+// only in the optional components/kubelet-nodes-proxy. The agent attesting
+// pods at all in the other tests shows the kubelet accepts nodes/pods.
 func TestAgentRBACIsMinimal(t *testing.T) {
 	needCluster(t)
 	ctx := context.Background()
@@ -19,7 +24,8 @@ func TestAgentRBACIsMinimal(t *testing.T) {
 		verb, resource, sub, ns string
 		allowed                 bool
 	}{
-		{"get", "nodes", "proxy", "", true},
+		{"get", "nodes", "pods", "", true},
+		{"get", "nodes", "proxy", "", false},
 		{"get", "pods", "", "e2e-basic", true},
 		{"list", "pods", "", "", false},
 		{"watch", "pods", "", "", false},
@@ -41,5 +47,33 @@ func TestAgentRBACIsMinimal(t *testing.T) {
 		if sar.Status.Allowed != c.allowed {
 			t.Errorf("%s %s/%s in %q: allowed=%v, want %v (%s)", c.verb, c.resource, c.sub, c.ns, sar.Status.Allowed, c.allowed, sar.Status.Reason)
 		}
+	}
+}
+
+// The shipped config verifies the kubelet: no skip-verify, and a CA file
+// (the kubelet's own kubelet.crt on kind and kubeadm nodes). This node's
+// kubelet serves its certificate from that path, so every test that
+// attests a pod also shows the token went to a verified kubelet.
+func TestDeployConfigVerifiesKubelet(t *testing.T) {
+	objs, err := framework.Kustomize(filepath.Join("..", "..", "deploy", "kind"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := framework.AgentConfig(objs, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k8s, _ := cfg["kubernetes"].(map[string]any)
+	kubelet, _ := k8s["kubelet"].(map[string]any)
+	if kubelet == nil {
+		t.Fatalf("no kubernetes.kubelet in the deploy config: %v", cfg)
+	}
+	for _, key := range []string{"insecureSkipVerify", "sendTokenUnverified"} {
+		if v, ok := kubelet[key]; ok && v != false {
+			t.Errorf("deploy config sets kubernetes.kubelet.%s: %v", key, v)
+		}
+	}
+	if ca, _ := kubelet["caFile"].(string); ca != "/var/lib/kubelet/pki/kubelet.crt" {
+		t.Errorf("kubernetes.kubelet.caFile = %q, want the kubelet's own /var/lib/kubelet/pki/kubelet.crt", ca)
 	}
 }

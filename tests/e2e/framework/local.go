@@ -324,6 +324,14 @@ func (n *Local) applyManifests(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	proxyOverlay, err := ComponentOverlay(deployDir, tmp, "kubelet-nodes-proxy")
+	if err != nil {
+		return err
+	}
+	withProxy, err := Kustomize(proxyOverlay)
+	if err != nil {
+		return err
+	}
 	a, err := NewApplier(n.Rest)
 	if err != nil {
 		return err
@@ -336,12 +344,13 @@ func (n *Local) applyManifests(ctx context.Context) error {
 			}
 		}
 	}
-	for _, o := range append(all, withCA...) {
+	for _, o := range append(append(all, withCA...), withProxy...) {
 		if err := a.Apply(ctx, o, true); err != nil {
 			return err
 		}
 	}
-	n.opts.Logf("node: %d deploy objects passed server-side dry-run (%d with the upstream-ca component)", len(all), len(withCA))
+	n.opts.Logf("node: %d deploy objects passed server-side dry-run (%d with the upstream-ca component, %d with kubelet-nodes-proxy)",
+		len(all), len(withCA), len(withProxy))
 
 	cfg, err := AgentConfig(objs, n.opts.AgentOverrides)
 	if err != nil {
@@ -468,6 +477,14 @@ func ctrOut(ctx context.Context, sock string, args ...string) (string, error) {
 
 func (n *Local) startKubelet(ctx context.Context) error {
 	pki := func(f string) string { return filepath.Join(n.d.pki, f) }
+	// The serving certificate sits where a kind or kubeadm kubelet keeps its
+	// self-signed one, laid out the same way (certificate, then its CA), so
+	// the deploy config's caFile verifies this kubelet as it does those. It
+	// is signed by the cluster CA so the API server verifies it too.
+	servingCrt, servingKey, err := writeKubeletServing(n.d.pki, filepath.Join(n.d.kubeletRoot, "pki"))
+	if err != nil {
+		return err
+	}
 	cfg := fmt.Sprintf(`apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 address: 127.0.0.1
@@ -499,7 +516,7 @@ imageGCLowThresholdPercent: 99
 evictionHard: {memory.available: "1Mi", nodefs.available: "1%%", nodefs.inodesFree: "1%%", imagefs.available: "1%%"}
 resolvConf: ""
 maxPods: 110
-`, pki("kubelet.crt"), pki("kubelet.key"), pki("ca.crt"), n.d.ctrdSock, n.d.manifests, n.d.podLogs, n.d.volumePlugins)
+`, servingCrt, servingKey, pki("ca.crt"), n.d.ctrdSock, n.d.manifests, n.d.podLogs, n.d.volumePlugins)
 	confPath := filepath.Join(n.d.kubeletConf, "config.yaml")
 	if err := os.WriteFile(confPath, []byte(cfg), 0o644); err != nil {
 		return err

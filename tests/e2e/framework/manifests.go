@@ -248,3 +248,20 @@ func UpstreamCAOverlay(deployDir, tmp string) (string, error) {
 	k := fmt.Sprintf("apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [%q]\ncomponents: [../upstream-ca]\n", rel)
 	return overlay, os.WriteFile(filepath.Join(overlay, "kustomization.yaml"), []byte(k), 0o644)
 }
+
+// ComponentOverlay writes a kustomization that adds the deploy component
+// deployDir/components/<name> on top of deployDir; it returns its directory.
+func ComponentOverlay(deployDir, tmp, name string) (string, error) {
+	overlay := filepath.Join(tmp, name+"-overlay")
+	if err := os.MkdirAll(overlay, 0o755); err != nil {
+		return "", err
+	}
+	// kustomize takes only relative paths to other kustomizations.
+	rel, err := filepath.Rel(overlay, deployDir)
+	if err != nil {
+		return "", err
+	}
+	k := fmt.Sprintf("apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [%q]\ncomponents: [%q]\n",
+		rel, filepath.Join(rel, "components", name))
+	return overlay, os.WriteFile(filepath.Join(overlay, "kustomization.yaml"), []byte(k), 0o644)
+}

@@ -153,3 +153,29 @@ func writePKI(dir string) error {
 	}
 	return writeKey(filepath.Join(dir, "sa.key"), saKey)
 }
+
+// writeKubeletServing copies the kubelet's serving certificate and key from
+// pkiDir into dir as kubelet.crt (certificate followed by the CA, the
+// layout of a kubelet's self-signed kubelet.crt) and kubelet.key.
+func writeKubeletServing(pkiDir, dir string) (crt, key string, err error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", "", err
+	}
+	var chain []byte
+	for _, f := range []string{"kubelet.crt", "ca.crt"} {
+		b, err := os.ReadFile(filepath.Join(pkiDir, f))
+		if err != nil {
+			return "", "", err
+		}
+		chain = append(chain, b...)
+	}
+	keyPEM, err := os.ReadFile(filepath.Join(pkiDir, "kubelet.key"))
+	if err != nil {
+		return "", "", err
+	}
+	crt, key = filepath.Join(dir, "kubelet.crt"), filepath.Join(dir, "kubelet.key")
+	if err := os.WriteFile(crt, chain, 0o644); err != nil {
+		return "", "", err
+	}
+	return crt, key, os.WriteFile(key, keyPEM, 0o600)
+}
