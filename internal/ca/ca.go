@@ -161,7 +161,7 @@ func New(ctx context.Context, opts Options) (*Authority, error) {
 			"x509SVIDTTL", a.x509TTL, "intermediateTTL", a.interTTL)
 	}
 
-	now := a.clock.Now()
+	now := a.now()
 	switch {
 	case opts.UpstreamCertFile != "" && opts.UpstreamKeyFile != "":
 		up, err := loadUpstream(opts.UpstreamCertFile, opts.UpstreamKeyFile, a.td, now)
@@ -244,7 +244,9 @@ func (a *Authority) Changed() <-chan struct{} {
 func (a *Authority) Run(ctx context.Context) error {
 	for {
 		a.mu.RLock()
-		wait := a.nextCheck.Sub(a.clock.Now())
+		// Timers count elapsed time; the schedule is in wall time. Waking at
+		// least every maxSleep notices a wall-clock step within that long.
+		wait := min(a.nextCheck.Sub(a.now()), maxSleep)
 		a.mu.RUnlock()
 		if wait > 0 {
 			t := a.clock.NewTimer(wait)
@@ -258,7 +260,7 @@ func (a *Authority) Run(ctx context.Context) error {
 			return nil
 		}
 		a.mu.Lock()
-		_, err := a.rotateLocked(a.clock.Now())
+		_, err := a.rotateLocked(a.now())
 		a.mu.Unlock()
 		if err != nil {
 			klog.ErrorS(err, "CA rotation failed; will retry", "trustDomain", a.td, "retryIn", retryAfter)
@@ -266,11 +268,25 @@ func (a *Authority) Run(ctx context.Context) error {
 	}
 }
 
+// maxSleep bounds Run's sleep, so that a step of the wall clock is seen.
+const maxSleep = 30 * time.Second
+
+// now is the wall time without the monotonic reading: validity periods are
+// in wall time, and comparing two readings of time.Now() would compare
+// their monotonic clocks, blind to a step of the wall clock.
+func (a *Authority) now() time.Time { return a.clock.Now().Round(0) }
+
+// notYetValidLocked reports that the wall clock went back before the
+// signing intermediate's start: leaves it signs would not verify.
+func (a *Authority) notYetValidLocked(now time.Time) bool {
+	return a.inter != nil && now.Before(a.inter.cert.NotBefore)
+}
+
 // currentIntermediate returns the intermediate to sign leaves with, rotating
 // first when it is due.
 func (a *Authority) currentIntermediate(now time.Time) (*signingCA, error) {
 	a.mu.RLock()
-	inter, due := a.inter, !now.Before(a.nextCheck)
+	inter, due := a.inter, !now.Before(a.nextCheck) || a.notYetValidLocked(now)
 	a.mu.RUnlock()
 	if due {
 		a.mu.Lock()
@@ -292,7 +308,7 @@ func (a *Authority) currentIntermediate(now time.Time) (*signingCA, error) {
 // rotateLocked replaces the root (self-managed) and the intermediate when
 // due. It reports whether anything changed, and fires Changed if so.
 func (a *Authority) rotateLocked(now time.Time) (changed bool, err error) {
-	if now.Before(a.nextCheck) {
+	if now.Before(a.nextCheck) && !a.notYetValidLocked(now) {
 		return false, nil
 	}
 	rootFailed := false
@@ -323,7 +339,7 @@ func (a *Authority) rotateLocked(now time.Time) (changed bool, err error) {
 		changed = true
 	}
 
-	if a.inter == nil || !now.Before(a.interRotateAt) {
+	if a.inter == nil || !now.Before(a.interRotateAt) || a.notYetValidLocked(now) {
 		inter, rotateAt, err := newIntermediate(a.td, a.root, now, a.interTTL)
 		if err != nil {
 			return changed, err

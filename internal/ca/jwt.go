@@ -32,7 +32,7 @@ func (a *Authority) MintJWTSVID(ctx context.Context, id spiffeid.ID, audience []
 	if err != nil {
 		return "", time.Time{}, err
 	}
-	now := a.clock.Now()
+	now := a.now()
 	exp := jwt.NewNumericDate(now.Add(a.jwtTTL))
 	claims := jwt.Claims{
 		Subject:  id.String(),

@@ -35,7 +35,7 @@ func (a *Authority) MintX509SVID(ctx context.Context, id spiffeid.ID, dnsNames [
 	if err != nil {
 		return nil, err
 	}
-	now := a.clock.Now()
+	now := a.now()
 	inter, err := a.currentIntermediate(now)
 	if err != nil {
 		return nil, err
