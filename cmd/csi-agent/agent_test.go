@@ -28,11 +28,7 @@ func startRun(t *testing.T, args ...string) (stop func() error) {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	started := make(chan struct{})
-	done := make(chan error, 1)
-	go func() {
-		done <- runAgentConfig(ctx, cfg, agentOptions{version: "test", started: func() { close(started) }})
-	}()
+	started, done := launch(ctx, cfg)
 	select {
 	case <-started:
 	case err := <-done:
@@ -52,6 +48,13 @@ func startRun(t *testing.T, args ...string) (stop func() error) {
 			return nil
 		}
 	}
+}
+
+// launch runs the agent on cfg until ctx ends; started closes once it serves.
+func launch(ctx context.Context, cfg config.Config) (started <-chan struct{}, done <-chan error) {
+	s, d := make(chan struct{}), make(chan error, 1)
+	go func() { d <- runAgentConfig(ctx, cfg, agentOptions{version: "test", started: func() { close(s) }}) }()
+	return s, d
 }
 
 func TestRunStartsAndStops(t *testing.T) {
@@ -182,11 +185,7 @@ func TestOneAgentPerStateDir(t *testing.T) {
 			t.Fatal(err)
 		}
 		go func() {
-			started := make(chan struct{})
-			done := make(chan error, 1)
-			go func() {
-				done <- runAgentConfig(ctx, cfg, agentOptions{version: "test", started: func() { close(started) }})
-			}()
+			started, done := launch(ctx, cfg)
 			select {
 			case <-started:
 				results <- result{started: true}
