@@ -10,6 +10,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"github.com/csi-agent/csi-agent/internal/svidcache"
 )
 
 // FetchX509Bundles streams the X.509 bundles of our and federated trust
@@ -35,7 +37,7 @@ func (s *Server) streamBundles(ctx context.Context, build func() (map[string][]b
 	defer sub.Close()
 	var last map[string][]byte
 	for {
-		rulesCh, fedCh := s.rulesChanged(), s.federationChanged()
+		wait := s.nextChange(sub)
 		// As SPIRE does, bundles go to callers entitled to an identity,
 		// re-checked at every change like the SVID stream.
 		c, err := s.attest(ctx)
@@ -55,13 +57,27 @@ func (s *Server) streamBundles(ctx context.Context, build func() (map[string][]b
 			}
 			last = bundles
 		}
+		if !wait(ctx) {
+			return nil
+		}
+	}
+}
+
+// nextChange returns a wait for the next change a stream must react to:
+// sub's wake-up (a renewal of what it watches, or what concerns all), new
+// rules or federated bundles. Call it before the round reads anything, so
+// that no change slips between; wait reports false once ctx is done.
+func (s *Server) nextChange(sub *svidcache.Subscription) (wait func(ctx context.Context) bool) {
+	rulesCh, fedCh := s.rulesChanged(), s.federationChanged()
+	return func(ctx context.Context) bool {
 		select {
 		case <-ctx.Done():
-			return nil
+			return false
 		case <-sub.C():
 		case <-rulesCh:
 		case <-fedCh:
 		}
+		return true
 	}
 }
 

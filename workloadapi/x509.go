@@ -30,7 +30,7 @@ func (s *Server) FetchX509SVID(_ *workloadpb.X509SVIDRequest, stream grpc.Server
 		sent map[string]bool // serials in the last message
 	)
 	for {
-		rulesCh, fedCh := s.rulesChanged(), s.federationChanged()
+		wait := s.nextChange(sub)
 		// Attest again at every change: a stream must stop the moment its
 		// caller is gone or no longer entitled (pod relabelled, volume
 		// unpublished, rules reloaded), not keep receiving rotated keys.
@@ -72,12 +72,8 @@ func (s *Server) FetchX509SVID(_ *workloadpb.X509SVIDRequest, stream grpc.Server
 			}
 			last, sent = resp, now
 		}
-		select {
-		case <-ctx.Done():
+		if !wait(ctx) {
 			return nil
-		case <-sub.C():
-		case <-rulesCh:
-		case <-fedCh:
 		}
 	}
 }

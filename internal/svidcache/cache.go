@@ -114,8 +114,8 @@ type table[V any] struct {
 // New returns an empty cache in front of auth.
 func New(auth *ca.Authority, opts Options) *Cache {
 	c := &Cache{
-		auth:    auth,
-		clock:   opts.Clock,
+		auth:     auth,
+		clock:    opts.Clock,
 		subs:     map[*Subscription]struct{}{},
 		watchers: map[key]map[*Subscription]struct{}{},
 		wake:     make(chan struct{}, 1),
@@ -179,7 +179,8 @@ func get[V any](ctx context.Context, c *Cache, t *table[V], k key, req request) 
 // time; the others wait for that one result. A failed renewal falls back to
 // the previous SVID while it is still valid. used says whether a workload
 // asked (as opposed to Run renewing ahead of time). minted reports that this
-// call minted the value it returns; the entry's holders have been woken.
+// call minted the value it returns; the entry's holders have been woken,
+// as they are when an expired entry is dropped.
 func renew[V any](ctx context.Context, c *Cache, t *table[V], k key, req request, used bool) (_ *entry[V], minted bool, _ error) {
 	c.mu.Lock()
 	old := t.entries[k]
@@ -213,7 +214,10 @@ func renew[V any](ctx context.Context, c *Cache, t *table[V], k key, req request
 	now := c.clock.Now()
 
 	c.mu.Lock()
-	var e *entry[V]
+	var (
+		e       *entry[V]
+		dropped bool
+	)
 	switch {
 	case err == nil:
 		e = &entry[V]{req: req, val: val, mintedAt: now, expiresAt: expiresAt}
@@ -237,6 +241,7 @@ func renew[V any](ctx context.Context, c *Cache, t *table[V], k key, req request
 		err = nil
 	case old != nil:
 		delete(t.entries, k)
+		dropped = true
 	}
 	if used && e != nil {
 		e.touch(now)
@@ -246,9 +251,10 @@ func renew[V any](ctx context.Context, c *Cache, t *table[V], k key, req request
 	c.mu.Unlock()
 	close(f.done)
 
-	if minted && t.wakeHolders {
-		// Also on a first mint: an entry evicted and minted again may
-		// still have holders of the old one.
+	if (minted || dropped) && t.wakeHolders {
+		// Also on a first mint (an entry evicted and minted again may
+		// still have holders of the old one) and when the SVID expired
+		// unrenewed: its holders must not keep it silently.
 		c.wakeHolders(k)
 	}
 	if minted && old == nil {

@@ -401,10 +401,13 @@ func TestRenewalFailureServesValidSVID(t *testing.T) {
 		t.Error("retried before the retry delay")
 	}
 
+	holder := f.watch(t, webID)
 	f.fc.Step(30 * time.Minute) // past the leaf's expiry
 	if s, _, err := f.cache.X509SVID(context.Background(), webID, nil); err == nil {
 		t.Fatalf("served an expired SVID (NotAfter %s)", s.Certificates[0].NotAfter)
 	}
+	// Holders of the expired SVID hear of it, to fail rather than keep it.
+	waitClosed(t, holder.C(), "wake-up when the SVID expired unrenewed")
 
 	failing.Lock()
 	fail = false

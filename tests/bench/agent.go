@@ -56,19 +56,27 @@ func startAgent(bin string, withConfig bool, extra ...string) (*agent, error) {
 		}
 		args = append(args, "--config", cfg)
 	}
-	a.cmd = exec.Command(bin, append(args, extra...)...)
-	var stderr bytes.Buffer
-	a.cmd.Stderr = &stderr
-	if err := a.cmd.Start(); err != nil {
-		os.RemoveAll(dir)
+	if err := a.run(exec.Command(bin, append(args, extra...)...)); err != nil {
 		return nil, err
 	}
-	a.pid = a.cmd.Process.Pid
+	return a, nil
+}
+
+// run starts cmd as a's process and waits for it to serve a.sock.
+func (a *agent) run(cmd *exec.Cmd) error {
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	a.cmd = cmd
+	if err := cmd.Start(); err != nil {
+		os.RemoveAll(a.dir)
+		return err
+	}
+	a.pid = cmd.Process.Pid
 	if err := waitForSocket(a.sock, 20*time.Second); err != nil {
 		a.stop()
-		return nil, fmt.Errorf("%w: %s", err, stderr.String())
+		return fmt.Errorf("%w: %s", err, stderr.String())
 	}
-	return a, nil
+	return nil
 }
 
 func (a *agent) stop() {
@@ -109,6 +117,7 @@ type procSample struct {
 	at       time.Time
 	cpu      time.Duration // utime + stime
 	syscr    int64         // read syscalls so far
+	rchar    int64         // bytes read so far, by any read syscall
 	rss, hwm int64         // KiB
 	threads  int64
 }
@@ -131,7 +140,7 @@ func sampleProc(pid int) (procSample, error) {
 	ut, _ := strconv.ParseInt(f[11], 10, 64)
 	st, _ := strconv.ParseInt(f[12], 10, 64)
 	s.cpu = time.Duration(ut+st) * clockTick
-	if err := scanKV(fmt.Sprintf("/proc/%d/io", pid), map[string]*int64{"syscr:": &s.syscr}); err != nil {
+	if err := scanKV(fmt.Sprintf("/proc/%d/io", pid), map[string]*int64{"syscr:": &s.syscr, "rchar:": &s.rchar}); err != nil {
 		return s, err
 	}
 	err = scanKV(fmt.Sprintf("/proc/%d/status", pid), map[string]*int64{"VmRSS:": &s.rss, "VmHWM:": &s.hwm, "Threads:": &s.threads})

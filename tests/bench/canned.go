@@ -83,15 +83,7 @@ func startCanned(self string, tuned bool) (*agent, error) {
 	if tuned {
 		args = append(args, "-canned-tuned")
 	}
-	a.cmd = exec.Command(self, args...)
-	a.cmd.Stderr = os.Stderr
-	if err := a.cmd.Start(); err != nil {
-		os.RemoveAll(dir)
-		return nil, err
-	}
-	a.pid = a.cmd.Process.Pid
-	if err := waitForSocket(a.sock, 20*time.Second); err != nil {
-		a.stop()
+	if err := a.run(exec.Command(self, args...)); err != nil {
 		return nil, err
 	}
 	return a, nil
