@@ -157,13 +157,28 @@ func (c *Cache) JWTSVID(ctx context.Context, id spiffeid.ID, audience []string) 
 // example after a configuration reload.
 func (c *Cache) Notify() { c.wakeAll() }
 
+// now is the wall time without the monotonic reading: SVID validity is in
+// wall time, and two readings of time.Now() compare by their monotonic
+// clocks, blind to a step of the wall clock.
+func (c *Cache) now() time.Time { return c.clock.Now().Round(0) }
+
+// fresh reports that the entry can be served without renewing: inside its
+// validity (the wall clock may have gone back before it was minted) and
+// before its refresh time.
+func (e *entry[V]) fresh(now time.Time) bool { return e.valid(now) && now.Before(e.refreshAt) }
+
+// valid reports that the entry's SVID is inside its validity at now.
+func (e *entry[V]) valid(now time.Time) bool {
+	return !now.Before(e.mintedAt) && now.Before(e.expiresAt)
+}
+
 // get returns the entry's value; minted reports that this call minted it.
 func get[V any](ctx context.Context, c *Cache, t *table[V], k key, req request) (_ V, minted bool, _ error) {
-	now := c.clock.Now()
+	now := c.now()
 	c.mu.RLock()
 	e := t.entries[k]
 	c.mu.RUnlock()
-	if e != nil && now.Before(e.refreshAt) {
+	if e != nil && e.fresh(now) {
 		e.touch(now)
 		return e.val, false, nil
 	}
@@ -184,7 +199,7 @@ func get[V any](ctx context.Context, c *Cache, t *table[V], k key, req request) 
 func renew[V any](ctx context.Context, c *Cache, t *table[V], k key, req request, used bool) (_ *entry[V], minted bool, _ error) {
 	c.mu.Lock()
 	old := t.entries[k]
-	if now := c.clock.Now(); old != nil && now.Before(old.refreshAt) {
+	if now := c.now(); old != nil && old.fresh(now) {
 		// Someone renewed it while we were getting here.
 		c.mu.Unlock()
 		if used {
@@ -200,7 +215,7 @@ func renew[V any](ctx context.Context, c *Cache, t *table[V], k key, req request
 			return nil, false, ctx.Err()
 		}
 		if f.err == nil && used {
-			f.entry.touch(c.clock.Now())
+			f.entry.touch(c.now())
 		}
 		return f.entry, false, f.err
 	}
@@ -211,7 +226,7 @@ func renew[V any](ctx context.Context, c *Cache, t *table[V], k key, req request
 	// The mint must not fail for the waiters because this caller gave up.
 	val, expiresAt, err := t.mint(context.WithoutCancel(ctx), req)
 	c.mints.Add(1)
-	now := c.clock.Now()
+	now := c.now()
 
 	c.mu.Lock()
 	var (
@@ -231,7 +246,7 @@ func renew[V any](ctx context.Context, c *Cache, t *table[V], k key, req request
 		if t.limit == 0 || old != nil || len(t.entries) < t.limit {
 			t.entries[k] = e
 		}
-	case old != nil && now.Before(old.expiresAt):
+	case old != nil && old.valid(now):
 		klog.ErrorS(err, "Renewing SVID failed; serving the previous one until it expires",
 			"spiffe_id", req.id.String(), "expires", rfc3339(old.expiresAt), "retryIn", retryAfter)
 		e = &entry[V]{req: old.req, val: old.val, mintedAt: old.mintedAt, expiresAt: old.expiresAt}

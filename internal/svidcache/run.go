@@ -19,14 +19,16 @@ func (c *Cache) Run(ctx context.Context) error {
 		if ctx.Err() != nil {
 			return nil
 		}
-		now := c.clock.Now()
+		now := c.now()
 		if !next.IsZero() && !next.After(now) {
 			continue
 		}
 		var timerC <-chan time.Time
 		stop := func() {}
 		if !next.IsZero() {
-			t := c.clock.NewTimer(next.Sub(now))
+			// Timers count elapsed time, deadlines are wall time: waking
+			// at least every maxSleep notices a step of the wall clock.
+			t := c.clock.NewTimer(min(next.Sub(now), maxSleep))
 			timerC, stop = t.C(), func() { t.Stop() }
 		}
 		select {
@@ -52,12 +54,17 @@ type due struct {
 // sweep evicts, renews what is due and returns the next deadline (zero when
 // the cache is empty).
 func (c *Cache) sweep(ctx context.Context) (next time.Time) {
-	now := c.clock.Now()
+	now := c.now()
 	c.mu.Lock()
-	dueX509, nextX509 := sweepTable(&c.x509, now, "X.509-SVID", true)
-	_, nextJWT := sweepTable(&c.jwt, now, "JWT-SVID", false)
+	dueX509, evicted, nextX509 := sweepTable(&c.x509, now, "X.509-SVID", true)
+	_, _, nextJWT := sweepTable(&c.jwt, now, "JWT-SVID", false)
 	c.mu.Unlock()
 	next = earliest(nextX509, nextJWT)
+	for _, k := range evicted {
+		// Holders of an SVID that expired (or that a step of the wall
+		// clock put outside its validity) must not keep it silently.
+		c.wakeHolders(k)
+	}
 
 	for _, d := range dueX509 {
 		if ctx.Err() != nil {
@@ -80,26 +87,30 @@ func (c *Cache) sweep(ctx context.Context) (next time.Time) {
 
 // sweepTable drops expired and idle entries, collects entries past their
 // refresh time when renewDue, and returns the earliest future deadline.
-func sweepTable[V any](t *table[V], now time.Time, kind string, renewDue bool) (dues []due, next time.Time) {
+func sweepTable[V any](t *table[V], now time.Time, kind string, renewDue bool) (dues []due, evicted []key, next time.Time) {
 	for k, e := range t.entries {
 		idleUntil := time.Unix(0, e.lastUsed.Load()).Add(e.lifetime())
-		if !now.Before(e.expiresAt) || !now.Before(idleUntil) {
+		if !e.valid(now) || !now.Before(idleUntil) {
 			delete(t.entries, k)
-			klog.V(2).InfoS("Evicted cached SVID", "kind", kind, "spiffe_id", e.req.id.String(), "expired", !now.Before(e.expiresAt))
+			evicted = append(evicted, k)
+			klog.V(2).InfoS("Evicted cached SVID", "kind", kind, "spiffe_id", e.req.id.String(), "expired", !e.valid(now))
 			continue
 		}
 		next = earliest(next, earliest(idleUntil, e.expiresAt))
 		if !renewDue {
 			continue
 		}
-		if now.Before(e.refreshAt) {
+		if e.fresh(now) {
 			next = earliest(next, e.refreshAt)
 		} else {
 			dues = append(dues, due{k, e.req})
 		}
 	}
-	return dues, next
+	return dues, evicted, next
 }
+
+// maxSleep bounds Run's sleep, so that a step of the wall clock is seen.
+const maxSleep = 30 * time.Second
 
 // earliest of two deadlines, where zero means none.
 func earliest(a, b time.Time) time.Time {
