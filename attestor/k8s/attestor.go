@@ -206,8 +206,8 @@ func (a *Attestor) AttestWithContainerWait(ctx context.Context, pid int32, conta
 			return nil, a.deny(pid, podUID, p, reason)
 		}
 		klog.InfoS("Kubernetes cross-check failed, attesting anyway", "mode", a.mode, "reason", reason,
-			"pid", pid, "podUID", podUID, "namespace", p.Metadata.Namespace, "pod", p.Metadata.Name,
-			"serviceAccount", p.serviceAccount())
+			"pid", pid, "pod_uid", podUID, "namespace", p.Metadata.Namespace, "pod", p.Metadata.Name,
+			"service_account", p.serviceAccount())
 	}
 
 	attrs := p.podAttributes(a.nodeName)
@@ -270,7 +270,7 @@ func (a *Attestor) lookup(ctx context.Context, podUID, containerID string, conta
 
 func (a *Attestor) podOnly(p *pod, containerID string) (*pod, *containerMatch, error) {
 	klog.V(2).InfoS("Container not in the kubelet's pod status yet, attesting pod-level fields only",
-		"podUID", p.Metadata.UID, "namespace", p.Metadata.Namespace, "pod", p.Metadata.Name, "containerID", containerID)
+		"pod_uid", p.Metadata.UID, "namespace", p.Metadata.Namespace, "pod", p.Metadata.Name, "container_id", containerID)
 	return p, nil, nil
 }
 

@@ -175,7 +175,7 @@ func NewKubeletClient(cfg KubeletConfig) (*KubeletClient, error) {
 	if cfg.InsecureSkipVerify {
 		// Loud on purpose: this is an explicit opt-in, not a default.
 		klog.InfoS("WARNING: the kubelet's serving certificate is not verified; credentials go to whatever listens on its port",
-			"url", c.url, "tokenSent", c.tokenFile != "")
+			"url", c.url, "token_sent", c.tokenFile != "")
 	} else {
 		tlsConfig.VerifyConnection = c.verifyServer
 	}

@@ -101,7 +101,7 @@ func (f *nameFile) fail(err error) {
 	f.names, f.cached = nil, false
 	if msg := err.Error(); msg != f.lastErr {
 		f.lastErr = msg
-		klog.ErrorS(err, "Cannot read id names; user and group names are left out", "file", f.path)
+		klog.ErrorS(err, "Cannot read id names; user and group names are left out", "path", f.path)
 	}
 }
 

@@ -158,7 +158,7 @@ func New(ctx context.Context, opts Options) (*Authority, error) {
 		// Leaves are clamped to the intermediate, which may have only half
 		// its life left: such leaves come out shorter than configured.
 		klog.InfoS("X.509-SVID TTL exceeds half the intermediate TTL; leaves will be shortened to the intermediate's remaining life",
-			"x509SVIDTTL", a.x509TTL, "intermediateTTL", a.interTTL)
+			"x509_svid_ttl", a.x509TTL, "intermediate_ttl", a.interTTL)
 	}
 
 	now := a.now()
@@ -174,8 +174,8 @@ func New(ctx context.Context, opts Options) (*Authority, error) {
 			return nil, fmt.Errorf("ca: derive JWT-SVID key from %s: %w", opts.UpstreamKeyFile, err)
 		}
 		a.jwtKey = jwtKey
-		klog.InfoS("Using upstream CA", "trustDomain", a.td, "certFile", opts.UpstreamCertFile,
-			"subject", up.cert.Subject.String(), "notAfter", up.cert.NotAfter)
+		klog.InfoS("Using upstream CA", "trust_domain", a.td, "cert_path", opts.UpstreamCertFile,
+			"subject", up.cert.Subject.String(), "expires", up.cert.NotAfter)
 	case opts.UpstreamCertFile != "" || opts.UpstreamKeyFile != "":
 		return nil, fmt.Errorf("ca: upstream mode needs both a certificate file and a key file (got cert %q, key %q)",
 			opts.UpstreamCertFile, opts.UpstreamKeyFile)
@@ -263,7 +263,7 @@ func (a *Authority) Run(ctx context.Context) error {
 		_, err := a.rotateLocked(a.now())
 		a.mu.Unlock()
 		if err != nil {
-			klog.ErrorS(err, "CA rotation failed; will retry", "trustDomain", a.td, "retryIn", retryAfter)
+			klog.ErrorS(err, "CA rotation failed; will retry", "trust_domain", a.td, "retry_in", retryAfter)
 		}
 	}
 }
@@ -291,7 +291,7 @@ func (a *Authority) currentIntermediate(now time.Time) (*signingCA, error) {
 	if due {
 		a.mu.Lock()
 		if _, err := a.rotateLocked(now); err != nil {
-			klog.ErrorS(err, "CA rotation failed; will retry", "trustDomain", a.td, "retryIn", retryAfter)
+			klog.ErrorS(err, "CA rotation failed; will retry", "trust_domain", a.td, "retry_in", retryAfter)
 		}
 		inter = a.inter
 		a.mu.Unlock()
@@ -327,8 +327,8 @@ func (a *Authority) rotateLocked(now time.Time) (changed bool, err error) {
 				return bundleChanged, err
 			}
 			// The current root is still valid: keep issuing from it.
-			klog.ErrorS(err, "Rotating the self-managed root failed; will retry", "file", a.statePath,
-				"rootNotAfter", a.root.cert.NotAfter, "retryIn", retryAfter)
+			klog.ErrorS(err, "Rotating the self-managed root failed; will retry", "path", a.statePath,
+				"root_expires", a.root.cert.NotAfter, "retry_in", retryAfter)
 			rootFailed = true
 		} else {
 			bundleChanged = true
@@ -346,11 +346,11 @@ func (a *Authority) rotateLocked(now time.Time) (changed bool, err error) {
 		}
 		a.inter, a.interRotateAt = inter, rotateAt
 		changed = true
-		klog.InfoS("Issued signing intermediate", "trustDomain", a.td,
-			"serial", inter.cert.SerialNumber.Text(16), "notAfter", inter.cert.NotAfter, "rotateAt", rotateAt)
+		klog.InfoS("Issued signing intermediate", "trust_domain", a.td,
+			"serial", inter.cert.SerialNumber.Text(16), "expires", inter.cert.NotAfter, "rotate_at", rotateAt)
 		if inter.cert.NotAfter.Equal(a.root.cert.NotAfter) {
 			klog.ErrorS(nil, "Signing intermediate cut short by its issuer's expiry; replace the CA before it expires",
-				"trustDomain", a.td, "issuer", a.root.cert.Subject.String(), "issuerNotAfter", a.root.cert.NotAfter)
+				"trust_domain", a.td, "issuer", a.root.cert.Subject.String(), "issuer_expires", a.root.cert.NotAfter)
 		}
 	}
 	return changed, nil

@@ -67,8 +67,8 @@ func openState(dir string, td spiffeid.TrustDomain, now time.Time) (*state, erro
 		return nil, fmt.Errorf("ca: state file %s: %w (refusing to start; restore the file, or remove it to create a new trust anchor)", path, err)
 	}
 	st.path = path
-	klog.InfoS("Loaded self-managed CA", "file", path, "trustDomain", td,
-		"rootSerial", st.root.cert.SerialNumber.Text(16), "rootNotAfter", st.root.cert.NotAfter, "previousRoots", len(st.oldRoots))
+	klog.InfoS("Loaded self-managed CA", "path", path, "trust_domain", td,
+		"root_serial", st.root.cert.SerialNumber.Text(16), "root_expires", st.root.cert.NotAfter, "previous_roots", len(st.oldRoots))
 	return st, nil
 }
 
@@ -113,8 +113,8 @@ func createState(path string, td spiffeid.TrustDomain, now time.Time) (*state, e
 	if err := st.write(); err != nil {
 		return nil, err
 	}
-	klog.InfoS("Created self-managed CA", "file", path, "trustDomain", td,
-		"rootSerial", root.cert.SerialNumber.Text(16), "rootNotAfter", root.cert.NotAfter)
+	klog.InfoS("Created self-managed CA", "path", path, "trust_domain", td,
+		"root_serial", root.cert.SerialNumber.Text(16), "root_expires", root.cert.NotAfter)
 	return st, nil
 }
 
@@ -297,8 +297,8 @@ func (a *Authority) rotateRootLocked(now time.Time) error {
 	if err := st.write(); err != nil {
 		return err
 	}
-	klog.InfoS("Rotated self-managed root", "file", a.statePath, "trustDomain", a.td,
-		"oldSerial", a.root.cert.SerialNumber.Text(16), "newSerial", nr.cert.SerialNumber.Text(16), "newNotAfter", nr.cert.NotAfter)
+	klog.InfoS("Rotated self-managed root", "path", a.statePath, "trust_domain", a.td,
+		"old_serial", a.root.cert.SerialNumber.Text(16), "new_serial", nr.cert.SerialNumber.Text(16), "new_expires", nr.cert.NotAfter)
 	a.root, a.oldRoot = nr, old
 	a.interRotateAt = time.Time{} // re-issue the intermediate from the new root
 	return nil

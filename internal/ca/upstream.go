@@ -58,7 +58,7 @@ func loadUpstream(certFile, keyFile string, td spiffeid.TrustDomain, now time.Ti
 	}
 	if len(certs) > 1 {
 		klog.InfoS("Upstream certificate file holds more than one certificate; only the first is used as the trust anchor",
-			"file", certFile, "count", len(certs))
+			"path", certFile, "count", len(certs))
 	}
 	return &signingCA{cert: cert, key: key}, nil
 }

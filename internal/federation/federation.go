@@ -207,7 +207,7 @@ func (w *Watcher) reload(f *file) bool {
 		f.hash = [sha256.Size]byte{}
 		if msg := err.Error(); msg != f.lastErr {
 			f.lastErr = msg
-			klog.ErrorS(err, "Cannot read federated bundle; keeping the previous bundle", "trustDomain", f.td, "source", fmt.Sprintf("federation[%d]", f.index))
+			klog.ErrorS(err, "Cannot read federated bundle; keeping the previous bundle", "trust_domain", f.td, "source", fmt.Sprintf("federation[%d]", f.index))
 		}
 		return false
 	}
@@ -219,7 +219,7 @@ func (w *Watcher) reload(f *file) bool {
 	f.hash = sum
 	b, err := parse(f.td, f.format, data)
 	if err != nil {
-		klog.ErrorS(err, "Invalid federated bundle; keeping the previous bundle", "trustDomain", f.td, "path", f.path, "source", fmt.Sprintf("federation[%d]", f.index))
+		klog.ErrorS(err, "Invalid federated bundle; keeping the previous bundle", "trust_domain", f.td, "path", f.path, "source", fmt.Sprintf("federation[%d]", f.index))
 		return false
 	}
 	w.mu.Lock()
@@ -229,8 +229,8 @@ func (w *Watcher) reload(f *file) bool {
 	if same {
 		return false
 	}
-	klog.InfoS("Federated bundle updated", "trustDomain", f.td, "path", f.path,
-		"x509Authorities", len(b.X509Authorities()), "jwtAuthorities", len(b.JWTAuthorities()))
+	klog.InfoS("Federated bundle updated", "trust_domain", f.td, "path", f.path,
+		"x509_authorities", len(b.X509Authorities()), "jwt_authorities", len(b.JWTAuthorities()))
 	return true
 }
 

@@ -211,7 +211,7 @@ func (s *Set) Evaluate(attrs attestor.Attributes) []Identity {
 		if dupID, dupHint := conflicts(out, id, sv.hint); dupID || dupHint {
 			if dupHint && !dupID {
 				if v := klog.V(1); v.Enabled() {
-					v.InfoS("SVID left out: an earlier SVID for this workload has the same hint", "svid", sv.index, "spiffeID", id, "hint", sv.hint)
+					v.InfoS("SVID left out: an earlier SVID for this workload has the same hint", "svid", sv.index, "spiffe_id", id, "hint", sv.hint)
 				}
 			}
 			continue

@@ -248,7 +248,7 @@ func renew[V any](ctx context.Context, c *Cache, t *table[V], k key, req request
 		}
 	case old != nil && old.valid(now):
 		klog.ErrorS(err, "Renewing SVID failed; serving the previous one until it expires",
-			"spiffe_id", req.id.String(), "expires", rfc3339(old.expiresAt), "retryIn", retryAfter)
+			"spiffe_id", req.id.String(), "expires", rfc3339(old.expiresAt), "retry_in", retryAfter)
 		e = &entry[V]{req: old.req, val: old.val, mintedAt: old.mintedAt, expiresAt: old.expiresAt}
 		e.refreshAt = minTime(now.Add(retryAfter), old.expiresAt)
 		e.lastUsed.Store(old.lastUsed.Load())
