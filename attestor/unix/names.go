@@ -3,8 +3,7 @@ package unix
 import (
 	"bytes"
 	"fmt"
-	"io"
-	"os"
+	"github.com/csi-agent/csi-agent/internal/fsutil"
 	"strconv"
 	"sync"
 	"time"
@@ -82,7 +81,7 @@ func (f *nameFile) snapshot() map[uint32]string {
 	}
 	// The key was taken before reading, so a change during the read shows
 	// up as a new key next time.
-	b, err := readFileLimited(f.path, maxNameFileSize)
+	b, err := fsutil.ReadFileLimited(f.path, maxNameFileSize)
 	if err != nil {
 		f.fail(err)
 		return nil
@@ -103,22 +102,6 @@ func (f *nameFile) fail(err error) {
 		f.lastErr = msg
 		klog.ErrorS(err, "Cannot read id names; user and group names are left out", "path", f.path)
 	}
-}
-
-func readFileLimited(path string, limit int64) ([]byte, error) {
-	fh, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer fh.Close()
-	b, err := io.ReadAll(io.LimitReader(fh, limit+1))
-	if err != nil {
-		return nil, err
-	}
-	if int64(len(b)) > limit {
-		return nil, fmt.Errorf("%s: larger than %d bytes", path, limit)
-	}
-	return b, nil
 }
 
 // parseIDNames parses passwd ("name:pw:uid:...") or group ("name:pw:gid:...")

@@ -8,8 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"os"
+	"github.com/csi-agent/csi-agent/internal/fsutil"
 	"path/filepath"
 	"reflect"
 	"sort"
@@ -284,13 +283,13 @@ func readStable(path string) ([]byte, error) {
 		attempts = 20
 		settle   = 20 * time.Millisecond
 	)
-	prev, err := readLimited(path)
+	prev, err := fsutil.ReadFileLimited(path, maxConfigSize)
 	if err != nil {
 		return nil, err
 	}
 	for range attempts {
 		time.Sleep(settle)
-		cur, err := readLimited(path)
+		cur, err := fsutil.ReadFileLimited(path, maxConfigSize)
 		if err != nil {
 			return nil, err
 		}
@@ -300,22 +299,6 @@ func readStable(path string) ([]byte, error) {
 		prev = cur
 	}
 	return nil, fmt.Errorf("%s kept changing while it was read; not applied", path)
-}
-
-func readLimited(path string) ([]byte, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	data, err := io.ReadAll(io.LimitReader(f, maxConfigSize+1))
-	if err != nil {
-		return nil, err
-	}
-	if len(data) > maxConfigSize {
-		return nil, fmt.Errorf("%s is larger than %d bytes", path, maxConfigSize)
-	}
-	return data, nil
 }
 
 func describeDecodeError(err error) error {

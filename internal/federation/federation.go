@@ -7,8 +7,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
-	"io"
-	"os"
+	"github.com/csi-agent/csi-agent/internal/fsutil"
 	"sync"
 	"time"
 
@@ -102,7 +101,7 @@ func New(sources []Source, opts Options) (*Watcher, error) {
 			return nil, fmt.Errorf("federation[%d].trustDomain: %q is already listed at federation[%d]", i, f.td.Name(), j)
 		}
 		seen[f.td] = i
-		data, err := readFile(f.path)
+		data, err := fsutil.ReadFileLimited(f.path, maxBundleSize)
 		if err != nil {
 			return nil, fmt.Errorf("federation[%d].path: %w", i, err)
 		}
@@ -201,7 +200,7 @@ func (w *Watcher) poll() {
 // parsed keeps the previous bundle: a half-written or emptied file must not
 // take trust away from a working federation.
 func (w *Watcher) reload(f *file) bool {
-	data, err := readFile(f.path)
+	data, err := fsutil.ReadFileLimited(f.path, maxBundleSize)
 	if err != nil {
 		// Parse the content again once the file is back, even if unchanged.
 		f.hash = [sha256.Size]byte{}
@@ -232,22 +231,6 @@ func (w *Watcher) reload(f *file) bool {
 	klog.InfoS("Federated bundle updated", "trust_domain", f.td, "path", f.path,
 		"x509_authorities", len(b.X509Authorities()), "jwt_authorities", len(b.JWTAuthorities()))
 	return true
-}
-
-func readFile(path string) ([]byte, error) {
-	fh, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer fh.Close()
-	data, err := io.ReadAll(io.LimitReader(fh, maxBundleSize+1))
-	if err != nil {
-		return nil, err // an *os.PathError, naming the file
-	}
-	if len(data) > maxBundleSize {
-		return nil, fmt.Errorf("%s: larger than %d bytes", path, maxBundleSize)
-	}
-	return data, nil
 }
 
 func parse(td spiffeid.TrustDomain, format string, data []byte) (*spiffebundle.Bundle, error) {
