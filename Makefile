@@ -21,7 +21,8 @@ FUZZ_TARGETS := \
 	./internal/federation:FuzzParseBundle \
 	./internal/ca:FuzzParsePrivateKeyPEM \
 	./internal/ca:FuzzParseCertificatesPEM \
-	./internal/ca:FuzzParseState
+	./internal/ca:FuzzParseState \
+	./internal/records:FuzzParseJournal
 
 .PHONY: all build test unit fuzz e2e kind-e2e soak bench vet image clean
 
