@@ -22,7 +22,9 @@ FUZZ_TARGETS := \
 	./internal/ca:FuzzParsePrivateKeyPEM \
 	./internal/ca:FuzzParseCertificatesPEM \
 	./internal/ca:FuzzParseState \
-	./internal/records:FuzzParseJournal
+	./internal/records:FuzzParseJournal \
+	./internal/ca:FuzzUpstreamParse \
+	./workloadapi:FuzzSelectSecrets
 
 .PHONY: all build test unit fuzz e2e kind-e2e soak bench vet image clean
 
@@ -47,8 +49,10 @@ fuzz:
 		$(GO) test -run '^$$' -fuzz "^$$fn$$" -fuzztime $(FUZZTIME) $$pkg; \
 	done
 
+# The full suite on the current Kubernetes, then the smoke on the oldest supported one.
 e2e:
 	bash tests/e2e/run.sh
+	bash tests/e2e/run.sh --oldest
 
 kind-e2e:
 	bash tests/kind-e2e.sh

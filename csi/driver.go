@@ -40,6 +40,9 @@ type Options struct {
 	Mounter Mounter
 	// Ready reports whether the Workload API serves (Probe); nil means always.
 	Ready func() bool
+	// Observe, if set, is told of every NodePublishVolume ("publish") and
+	// NodeUnpublishVolume ("unpublish"): its error and duration (metrics).
+	Observe func(op string, err error, d time.Duration)
 }
 
 // Driver serves the CSI Identity and Node services.
@@ -50,6 +53,7 @@ type Driver struct {
 	records               *records.Store
 	mounter               Mounter
 	ready                 func() bool
+	observe               func(op string, err error, d time.Duration)
 
 	// Seams for tests.
 	now   func() time.Time
@@ -103,6 +107,7 @@ func New(opts Options) (*Driver, error) {
 		records:     opts.Records,
 		mounter:     opts.Mounter,
 		ready:       opts.Ready,
+		observe:     opts.Observe,
 		now:         time.Now,
 	}, nil
 }

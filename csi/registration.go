@@ -28,6 +28,9 @@ type RegistrationOptions struct {
 	SupportedVersions []string
 	// PollInterval is how often the socket file is checked; default 250ms.
 	PollInterval time.Duration
+	// Registered, if set, is told what the kubelet reports of each
+	// registration: true when it registered the driver.
+	Registered func(ok bool)
 }
 
 // RegistrationSocket returns the path of the registration socket.
@@ -89,6 +92,9 @@ func (s registrationServer) GetInfo(context.Context, *registerapi.InfoRequest) (
 }
 
 func (s registrationServer) NotifyRegistrationStatus(_ context.Context, st *registerapi.RegistrationStatus) (*registerapi.RegistrationStatusResponse, error) {
+	if s.opts.Registered != nil {
+		s.opts.Registered(st.GetPluginRegistered())
+	}
 	if st.GetPluginRegistered() {
 		klog.InfoS("Kubelet registered the CSI driver", "driver", s.opts.DriverName)
 	} else {

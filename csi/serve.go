@@ -26,7 +26,7 @@ func (d *Driver) Serve(ctx context.Context, socketPath string) error {
 	if err != nil {
 		return err
 	}
-	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(recoverUnary, logErrors))
+	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(recoverUnary, logErrors, d.observeCalls))
 	csipb.RegisterIdentityServer(srv, identityServer{d: d})
 	csipb.RegisterNodeServer(srv, nodeServer{d: d})
 	klog.InfoS("Serving CSI", "driver", d.name, "socket", socketPath, "node", d.nodeID)
@@ -47,6 +47,24 @@ func recoverUnary(ctx context.Context, req any, info *grpc.UnaryServerInfo, hand
 		}
 	}()
 	return handler(ctx, req)
+}
+
+// observeCalls tells Options.Observe of publishes and unpublishes.
+func (d *Driver) observeCalls(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	var op string
+	switch info.FullMethod {
+	case csipb.Node_NodePublishVolume_FullMethodName:
+		op = "publish"
+	case csipb.Node_NodeUnpublishVolume_FullMethodName:
+		op = "unpublish"
+	}
+	if op == "" || d.observe == nil {
+		return handler(ctx, req)
+	}
+	start := time.Now()
+	resp, err := handler(ctx, req)
+	d.observe(op, err, time.Since(start))
+	return resp, err
 }
 
 func logErrors(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {

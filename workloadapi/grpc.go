@@ -8,6 +8,7 @@ import (
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/reflection"
 
 	"github.com/csi-agent/csi-agent/internal/peer"
 )
@@ -23,10 +24,11 @@ type Limits struct {
 }
 
 // NewGRPCServer returns a gRPC server that reads each client's kernel peer
-// credentials at accept, serves the Workload API and a health service
-// (which carries no identity data, for probes). Idle streams are most of
-// what a node holds open, so per-connection memory is cut where grpc-go
-// allows: no read buffer (the framer reads the socket directly; a Unix
+// credentials at accept, serves the Workload API, Envoy's SDS, a health
+// service (which carries no identity data, for probes) and gRPC reflection
+// (service schemas only, for grpcurl; SPIRE serves it too). Idle streams
+// are most of what a node holds open, so per-connection memory is cut where
+// grpc-go allows: no read buffer (the framer reads the socket directly; a Unix
 // socket read is cheap), no HPACK dynamic table for request headers, and a
 // small write buffer shared between connections. What remains per
 // connection is grpc-go's own: four goroutine stacks (reader, writer,
@@ -38,6 +40,9 @@ type Limits struct {
 // idle and handshake time, and denied calls per caller.
 func NewGRPCServer(s *Server, l Limits) (*grpc.Server, *health.Server) {
 	gd := newGuard(l.Callers)
+	if s.metrics != nil { // nil: a Server built without New (tests)
+		gd.metrics, gd.refusals = s.metrics, s.refusals
+	}
 	opts := []grpc.ServerOption{
 		grpc.Creds(peer.Credentials(l.Connections)),
 		grpc.ChainUnaryInterceptor(gd.unary),
@@ -65,7 +70,9 @@ func NewGRPCServer(s *Server, l Limits) (*grpc.Server, *health.Server) {
 		grpc.NumStreamWorkers(uint32(4*runtime.NumCPU())),
 	)...)
 	s.Register(g)
+	s.RegisterSDS(g)
 	h := health.NewServer()
 	healthpb.RegisterHealthServer(g, h)
+	reflection.Register(g)
 	return g, h
 }

@@ -134,6 +134,7 @@ func startAgent(t testing.TB, cfg agentConfig) *testAgent {
 	}
 	g := grpc.NewServer(opts...)
 	srv.Register(g)
+	srv.RegisterSDS(g)
 	go func() { _ = auth.Run(ctx) }()
 	go func() { _ = cache.Run(ctx) }()
 	go func() { _ = fed.Run(ctx) }()

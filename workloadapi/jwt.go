@@ -64,7 +64,7 @@ func (s *Server) FetchJWTSVID(ctx context.Context, req *workloadpb.JWTSVIDReques
 		}
 	}
 	if len(resp.Svids) == 0 {
-		return nil, status.Errorf(codes.PermissionDenied, "caller is not entitled to %s", req.SpiffeId)
+		return nil, refuse(reasonNotEntitled, codes.PermissionDenied, "caller is not entitled to %s", req.SpiffeId)
 	}
 	return resp, nil
 }

@@ -40,6 +40,10 @@ type guard struct {
 	streams int // open in all
 
 	refused atomic.Uint64 // calls refused by the limits
+
+	// Every refusal, the guard's and the handlers', is counted and logged here.
+	metrics  Metrics
+	refusals *refusalLog
 }
 
 type callerState struct {
@@ -52,7 +56,8 @@ type callerState struct {
 const sweepEvery = 1024
 
 func newGuard(l CallerLimits) *guard {
-	return &guard{limits: l, clock: time.Now, callers: map[string]*callerState{}}
+	return &guard{limits: l, clock: time.Now, callers: map[string]*callerState{},
+		metrics: noMetrics{}, refusals: newRefusalLog(time.Now)}
 }
 
 func (g *guard) state(key string) *callerState {
@@ -92,26 +97,28 @@ func (g *guard) admit(ctx context.Context, stream bool) (key string, release fun
 	st := g.state(key)
 	if st.denied != nil && st.denied.TokensAt(g.clock()) < 1 {
 		g.refused.Add(1)
-		return key, nil, status.Error(codes.ResourceExhausted, "too many denied calls from this caller; retry later")
+		return key, nil, refuse(reasonDeniedBudget, codes.ResourceExhausted, "too many denied calls from this caller; retry later")
 	}
 	if !stream {
 		return key, func() {}, nil
 	}
 	if g.limits.Streams > 0 && st.streams >= g.limits.Streams {
 		g.refused.Add(1)
-		return key, nil, status.Errorf(codes.ResourceExhausted, "this caller already holds %d open streams, the limit", st.streams)
+		return key, nil, refuse(reasonCallerStreams, codes.ResourceExhausted, "this caller already holds %d open streams, the limit", st.streams)
 	}
 	if g.limits.TotalStreams > 0 && g.streams >= g.limits.TotalStreams {
 		g.refused.Add(1)
-		return key, nil, status.Errorf(codes.ResourceExhausted, "the agent holds %d open streams, the limit", g.streams)
+		return key, nil, refuse(reasonTotalStreams, codes.ResourceExhausted, "the agent holds %d open streams, the limit", g.streams)
 	}
 	st.streams++
 	g.streams++
+	g.metrics.StreamsOpen(1)
 	return key, func() {
 		g.mu.Lock()
 		st.streams--
 		g.streams--
 		g.mu.Unlock()
+		g.metrics.StreamsOpen(-1)
 	}, nil
 }
 
@@ -135,23 +142,41 @@ func (g *guard) settle(key string, err error) {
 	}
 }
 
+// report counts and logs err if it refused the call.
+func (g *guard) report(ctx context.Context, err error) {
+	reason := refusalReason(err)
+	if reason == "" {
+		return
+	}
+	g.metrics.Denied(reason)
+	var who *peer.Info
+	if info, ok := peer.FromContext(ctx); ok {
+		who = &info
+	}
+	g.refusals.log(who, reason, err)
+}
+
 func (g *guard) unary(ctx context.Context, req any, _ *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 	key, _, err := g.admit(ctx, false)
 	if err != nil {
+		g.report(ctx, err)
 		return nil, err
 	}
 	resp, err := handler(ctx, req)
 	g.settle(key, err)
+	g.report(ctx, err)
 	return resp, err
 }
 
 func (g *guard) stream(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
 	key, release, err := g.admit(ss.Context(), true)
 	if err != nil {
+		g.report(ss.Context(), err)
 		return err
 	}
 	defer release()
 	err = handler(srv, ss)
 	g.settle(key, err)
+	g.report(ss.Context(), err)
 	return err
 }

@@ -71,6 +71,8 @@ type Options struct {
 	// MaxAudiences and MaxAudienceBytes bound a JWT-SVID audience (its
 	// count of values, and each value's size); zero: no bound.
 	MaxAudiences, MaxAudienceBytes int
+	// Metrics, if set, is told of attestations, refusals and streams.
+	Metrics Metrics
 }
 
 // Server implements the Workload API.
@@ -83,6 +85,9 @@ type Server struct {
 	bundle BundleSource
 	svids  SVIDSource
 	fed    *federation.Watcher
+	// metrics is never nil; refusals logs refused calls, rate limited.
+	metrics  Metrics
+	refusals *refusalLog
 
 	maxAudiences, maxAudienceBytes int
 
@@ -123,10 +128,15 @@ func New(opts Options) (*Server, error) {
 		svids:  opts.SVIDs,
 		fed:    opts.Federation,
 
+		metrics:          noMetrics{},
+		refusals:         newRefusalLog(time.Now),
 		maxAudiences:     opts.MaxAudiences,
 		maxAudienceBytes: opts.MaxAudienceBytes,
 		rulesChange:      make(chan struct{}),
 		encoded:          map[string]encodedSVID{},
+	}
+	if opts.Metrics != nil {
+		s.metrics = opts.Metrics
 	}
 	s.rules.Store(opts.Rules)
 	return s, nil

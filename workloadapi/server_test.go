@@ -23,6 +23,7 @@ import (
 	"testing"
 	"time"
 
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	workloadpb "github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
@@ -419,14 +420,8 @@ func TestRestartKeepsCA(t *testing.T) {
 func TestFederatedBundles(t *testing.T) {
 	// The federated trust domain's bundle: another agent's CA, as a JWKS file.
 	other := startAgent(t, agentConfig{td: "other.org", svids: defaultSVIDs()})
-	data, err := other.authority.Bundle().Marshal()
-	if err != nil {
-		t.Fatal(err)
-	}
 	file := filepath.Join(t.TempDir(), "other.json")
-	if err := os.WriteFile(file, data, 0o644); err != nil {
-		t.Fatal(err)
-	}
+	writeBundle(t, other, file)
 	a := startAgent(t, agentConfig{svids: defaultSVIDs(), federation: []federation.Source{{TrustDomain: "other.org", Path: file}}})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -665,6 +660,16 @@ func TestStreamEndsWhenEntitlementIsLost(t *testing.T) {
 	if _, err := bundles.Recv(); err != nil {
 		t.Fatal(err)
 	}
+	sds, err := sdsClient(t, a.socket).StreamSecrets(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sds.Send(&discoveryv3.DiscoveryRequest{ResourceNames: []string{"default"}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sds.Recv(); err != nil {
+		t.Fatal(err)
+	}
 	// A reload whose rules no longer match this caller.
 	set, err := rules.Compile(spiffeid.RequireTrustDomainFromString("example.org"), []rules.SVID{uidRule("/someone-else", "4000000")})
 	if err != nil {
@@ -676,6 +681,9 @@ func TestStreamEndsWhenEntitlementIsLost(t *testing.T) {
 	}
 	if _, err := bundles.Recv(); status.Code(err) != codes.PermissionDenied {
 		t.Fatalf("bundle stream: %v, want PermissionDenied", err)
+	}
+	if _, err := sds.Recv(); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("SDS stream: %v, want PermissionDenied", err)
 	}
 }
 

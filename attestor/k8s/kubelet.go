@@ -71,6 +71,9 @@ type KubeletConfig struct {
 	Anonymous bool
 	// Timeout bounds one request, connection included.
 	Timeout time.Duration
+	// Observe, if set, is told of every pod list request: its error and
+	// how long it took (metrics).
+	Observe func(err error, d time.Duration)
 }
 
 // KubeletClient lists the pods of the local kubelet.
@@ -81,6 +84,7 @@ type KubeletClient struct {
 	tokenFile  string
 	transport  *http.Transport
 	client     *http.Client
+	observe    func(err error, d time.Duration)
 
 	ca   *reloading[*x509.CertPool]   // nil: system roots
 	cert *reloading[*tls.Certificate] // nil: no client certificate
@@ -113,7 +117,7 @@ func NewKubeletClient(cfg KubeletConfig) (*KubeletClient, error) {
 		return nil, errors.New("the kubelet read-only port is plain HTTP and takes no credentials or TLS options")
 	}
 
-	c := &KubeletClient{nodeName: cfg.NodeName}
+	c := &KubeletClient{nodeName: cfg.NodeName, observe: cfg.Observe}
 	c.transport = &http.Transport{
 		Proxy:                 nil, // the kubelet is local; never send its token through a proxy
 		DialContext:           (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
@@ -200,7 +204,11 @@ func (c *KubeletClient) Close() { c.transport.CloseIdleConnections() }
 
 // ListPods fetches GET /pods. Every error wraps attestor.ErrUnavailable.
 func (c *KubeletClient) ListPods(ctx context.Context) ([]byte, error) {
+	start := time.Now()
 	body, err := c.listPods(ctx)
+	if c.observe != nil {
+		c.observe(err, time.Since(start))
+	}
 	if err != nil {
 		return nil, fmt.Errorf("%w: kubelet %s: %w", attestor.ErrUnavailable, c.url, err)
 	}

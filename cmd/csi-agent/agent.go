@@ -24,6 +24,7 @@ import (
 	"github.com/csi-agent/csi-agent/internal/config"
 	"github.com/csi-agent/csi-agent/internal/federation"
 	"github.com/csi-agent/csi-agent/internal/fsutil"
+	"github.com/csi-agent/csi-agent/internal/metrics"
 	"github.com/csi-agent/csi-agent/internal/peer"
 	"github.com/csi-agent/csi-agent/internal/records"
 	"github.com/csi-agent/csi-agent/internal/rules"
@@ -83,11 +84,21 @@ func runAgentConfig(ctx context.Context, cfg config.Config, opts agentOptions) e
 		return fmt.Errorf("state dir: %w", err)
 	}
 	defer stateLock.Close()
+	m := metrics.New(opts.version)
+	var metricsLn net.Listener
+	if cfg.Metrics.Addr != "" {
+		// Opened first: a taken address stops the start.
+		if metricsLn, err = metrics.Listen(cfg.Metrics.Addr); err != nil {
+			return err
+		}
+		defer metricsLn.Close()
+	}
 	auth, err := ca.New(ctx, cfg.CAOptions(td))
 	if err != nil {
 		return fmt.Errorf("start CA: %w", err)
 	}
-	cache := svidcache.New(auth, svidcache.Options{})
+	m.WatchExpiry(auth.Expiry)
+	cache := svidcache.New(auth, svidcache.Options{Minted: m.Minted})
 
 	var recs *records.Store
 	if cfg.CSI.Socket != "" || cfg.KubernetesEnabled() {
@@ -95,6 +106,7 @@ func runAgentConfig(ctx context.Context, cfg config.Config, opts agentOptions) e
 			return fmt.Errorf("open mount records: %w", err)
 		}
 		defer recs.Close()
+		m.WatchRecords(func() int { return len(recs.All()) })
 	}
 	unix, err := unixattestor.New(cfg.UnixOptions())
 	if err != nil {
@@ -103,9 +115,12 @@ func runAgentConfig(ctx context.Context, cfg config.Config, opts agentOptions) e
 	wlOpts := workloadapi.Options{
 		TrustDomain: td, Unix: unix, Rules: ruleSet, Bundle: auth, SVIDs: cache, Federation: fed,
 		MaxAudiences: cfg.WorkloadAPI.Limits.MaxAudiences, MaxAudienceBytes: cfg.WorkloadAPI.Limits.MaxAudienceBytes,
+		Metrics: m,
 	}
 	if cfg.KubernetesEnabled() {
-		kc, err := k8s.NewKubeletClient(cfg.KubeletConfig())
+		kcfg := cfg.KubeletConfig()
+		kcfg.Observe = m.KubeletRequest
+		kc, err := k8s.NewKubeletClient(kcfg)
 		if err != nil {
 			return fmt.Errorf("kubernetes.kubelet: %w", err)
 		}
@@ -137,7 +152,10 @@ func runAgentConfig(ctx context.Context, cfg config.Config, opts agentOptions) e
 	socketUp.Store(true)
 	gs, health := workloadapi.NewGRPCServer(wl, grpcLimits(cfg.WorkloadAPI.Limits))
 
-	var driver *csi.Driver
+	var (
+		driver     *csi.Driver
+		registered atomic.Bool // the kubelet registered the CSI driver
+	)
 	if cfg.CSI.Socket != "" {
 		if driver, err = csi.New(csi.Options{
 			DriverName:           cfg.CSI.DriverName,
@@ -147,6 +165,7 @@ func runAgentConfig(ctx context.Context, cfg config.Config, opts agentOptions) e
 			WorkloadAPISocketDir: cfg.WorkloadAPI.SocketDir,
 			Records:              recs,
 			Ready:                func() bool { return wl.Ready() && socketUp.Load() },
+			Observe:              m.CSIOperation,
 		}); err != nil {
 			lis.Close()
 			return fmt.Errorf("csi: %w", err)
@@ -208,9 +227,14 @@ func runAgentConfig(ctx context.Context, cfg config.Config, opts agentOptions) e
 					RegistryDir: filepath.Join(cfg.CSI.KubeletRootDir, "plugins_registry"),
 					DriverName:  cfg.CSI.DriverName,
 					Endpoint:    cfg.CSI.Socket,
+					Registered:  registered.Store,
 				})
 			})
 		}
+	}
+	if metricsLn != nil {
+		h := m.Handler(readiness(wl.Ready, socketUp.Load, auth.Expiry, registered.Load, driver != nil && cfg.RegistrationEnabled())...)
+		g.Go(func() error { return metrics.Serve(ctx, metricsLn, h) })
 	}
 	if opts.reload != nil {
 		g.Go(func() error { return reloadOnHUP(ctx, hup, td, len(cfg.SVIDs) > 0, wl.SetRules, opts.reload) })
@@ -220,15 +244,54 @@ func runAgentConfig(ctx context.Context, cfg config.Config, opts agentOptions) e
 	health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	klog.InfoS("Agent started", "version", opts.version, "trust_domain", td.String(),
 		"socket", cfg.WorkloadAPI.SocketPath(), "csi_socket", cfg.CSI.Socket,
-		"kubernetes", cfg.KubernetesEnabled(), "cross_check", cfg.Kubernetes.CrossCheck)
+		"kubernetes", cfg.KubernetesEnabled(), "cross_check", cfg.Kubernetes.CrossCheck, "metrics_addr", cfg.Metrics.Addr)
 	if opts.started != nil {
 		opts.started()
 	}
 	err = g.Wait()
 	if err != nil && !errors.Is(err, context.Canceled) {
+		klog.ErrorS(err, "Agent stopped")
 		return err
 	}
+	klog.InfoS("Agent stopped")
 	return nil
+}
+
+// readiness lists what /readyz checks: the Workload API serves on its
+// socket, the CA and the intermediate are valid and, with registration
+// on, the kubelet registered the CSI driver.
+func readiness(serving, socketUp func() bool, expiry func() (ca, intermediate time.Time), registered func() bool, withCSI bool) []metrics.Check {
+	checks := []metrics.Check{
+		{Name: "workload-api", Ready: func() error {
+			switch {
+			case !serving():
+				return errors.New("not serving")
+			case !socketUp():
+				return errors.New("socket file missing")
+			}
+			return nil
+		}},
+		{Name: "ca", Ready: func() error {
+			now := time.Now()
+			root, inter := expiry()
+			switch {
+			case !now.Before(root):
+				return fmt.Errorf("CA expired at %s", root.UTC().Format(time.RFC3339))
+			case !now.Before(inter):
+				return fmt.Errorf("intermediate expired at %s", inter.UTC().Format(time.RFC3339))
+			}
+			return nil
+		}},
+	}
+	if withCSI {
+		checks = append(checks, metrics.Check{Name: "csi-registration", Ready: func() error {
+			if !registered() {
+				return errors.New("the kubelet has not registered the CSI driver")
+			}
+			return nil
+		}})
+	}
+	return checks
 }
 
 // fdReserve is kept out of the Workload API's connections: the CSI socket,

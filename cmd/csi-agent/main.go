@@ -70,9 +70,13 @@ func run(args []string, stdout, stderr io.Writer) int {
 }
 
 func runAgent(ctx context.Context, args []string, stderr io.Writer) error {
-	addKlog := func(fs *flag.FlagSet) { klog.InitFlags(fs) }
+	var klogFlags *flag.FlagSet
+	addKlog := func(fs *flag.FlagSet) { klog.InitFlags(fs); klogFlags = fs }
 	cfg, err := config.FromArgs(args, os.Getenv, stderr, addKlog)
 	if err != nil {
+		return err
+	}
+	if err := applyLogging(cfg.Logging.Format, klogFlags); err != nil {
 		return err
 	}
 	defer klog.Flush()

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"os"
 	"os/exec"
@@ -14,6 +13,8 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
+
+	"github.com/csi-agent/csi-agent/internal/testutil"
 )
 
 const mainEnv = "CSI_AGENT_TEST_MAIN"
@@ -41,12 +42,20 @@ func startDevAgent(t *testing.T, extra ...string) (socket string) {
 
 func startDevAgentProcess(t *testing.T, extra ...string) (socket string, proc *os.Process) {
 	t.Helper()
+	socket, proc, _ = startDevAgentLogged(t, extra...)
+	return socket, proc
+}
+
+// startDevAgentLogged is startDevAgentProcess that also hands out what the
+// agent writes to stderr.
+func startDevAgentLogged(t *testing.T, extra ...string) (socket string, proc *os.Process, stderr *testutil.LockedBuffer) {
+	t.Helper()
 	dir := t.TempDir()
 	socketDir := filepath.Join(dir, "sockets")
 	args := append([]string{"run", "--dev", "--state-dir", filepath.Join(dir, "state"), "--workload-api-socket-dir", socketDir}, extra...)
 	cmd := command(context.Background(), args...)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
+	stderr = &testutil.LockedBuffer{}
+	cmd.Stderr = stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -66,7 +75,7 @@ func startDevAgentProcess(t *testing.T, extra ...string) (socket string, proc *o
 	for {
 		out, err := command(context.Background(), "healthcheck", "--socket", socket, "--timeout", "1s").CombinedOutput()
 		if err == nil && strings.Contains(string(out), "serving") {
-			return socket, cmd.Process
+			return socket, cmd.Process, stderr
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("agent never became healthy: %s\nagent stderr:\n%s", out, stderr.String())

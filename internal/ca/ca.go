@@ -19,10 +19,12 @@
 // Upstream mode: a CA certificate and key from files (for example a
 // Kubernetes Secret shared by all agents) are the trust anchor, and the
 // JWT-SVID key is derived from that key, so all agents sharing it accept
-// each other's X.509-SVIDs and JWT-SVIDs. The files are read once, in New;
-// replacing the upstream CA takes a restart.
+// each other's X.509-SVIDs and JWT-SVIDs. Run re-reads the files and, when
+// they hold a new valid pair, issues from it at once (see reload.go); the
+// previous CA and JWT key stay in the bundle while what they signed lives.
 //
-// JWT-SVIDs are signed with one ES256 key, which does not rotate.
+// JWT-SVIDs are signed with one ES256 key: fixed when self-managed, replaced
+// with the upstream key in upstream mode.
 package ca
 
 import (
@@ -32,6 +34,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"time"
 
@@ -75,7 +78,8 @@ type Options struct {
 
 	// UpstreamCertFile and UpstreamKeyFile, both set, select upstream mode:
 	// the PEM certificate is the trust anchor and the PEM key (PKCS#1, PKCS#8
-	// or SEC1; RSA or ECDSA) signs the agent's intermediates.
+	// or SEC1; RSA or ECDSA) signs the agent's intermediates. Run re-reads
+	// them, so a Secret mounted as a volume (not via subPath) can be updated.
 	UpstreamCertFile string
 	UpstreamKeyFile  string
 
@@ -97,15 +101,18 @@ type Authority struct {
 	interTTL time.Duration
 
 	// Immutable after New.
-	statePath string // "" in upstream mode
+	statePath string         // "" in upstream mode
+	upstream  *upstreamFiles // nil in self-managed mode
+
+	mu      sync.RWMutex
+	root    *signingCA    // signs intermediates: self-managed root or upstream CA
+	oldRoot []retiredRoot // previous roots, still in the bundle
+	inter   *signingCA    // signs leaves
+	// The JWT-SVID key, and previous ones still in the bundle.
 	jwtKey    *ecdsa.PrivateKey
 	jwtKID    string
 	jwtSigner jose.Signer
-
-	mu      sync.RWMutex
-	root    *signingCA          // signs intermediates: self-managed root or upstream CA
-	oldRoot []*x509.Certificate // previous self-managed roots, still in the bundle
-	inter   *signingCA          // signs leaves
+	oldJWT    []retiredJWT
 	// interRotateAt is the intermediate's half life.
 	interRotateAt time.Time
 	// nextCheck is when rotate has work to do (or should retry).
@@ -118,6 +125,19 @@ type Authority struct {
 type signingCA struct {
 	cert *x509.Certificate
 	key  crypto.Signer
+}
+
+// retiredRoot is a root we no longer issue from, in the bundle until until.
+type retiredRoot struct {
+	cert  *x509.Certificate
+	until time.Time
+}
+
+// retiredJWT is a JWT-SVID key we no longer sign with, in the bundle until until.
+type retiredJWT struct {
+	kid   string
+	key   *ecdsa.PublicKey
+	until time.Time
 }
 
 // New loads or creates the CA material and issues the first intermediate.
@@ -164,16 +184,18 @@ func New(ctx context.Context, opts Options) (*Authority, error) {
 	now := a.now()
 	switch {
 	case opts.UpstreamCertFile != "" && opts.UpstreamKeyFile != "":
-		up, err := loadUpstream(opts.UpstreamCertFile, opts.UpstreamKeyFile, a.td, now)
+		u := &upstreamFiles{certFile: opts.UpstreamCertFile, keyFile: opts.UpstreamKeyFile}
+		up, err := u.load(a.td, now)
 		if err != nil {
 			return nil, err
 		}
+		a.upstream = u
 		a.root = up
-		jwtKey, err := deriveJWTKey(up.key, a.td)
+		j, err := deriveJWTSigning(up.key, a.td, u.keyFile)
 		if err != nil {
-			return nil, fmt.Errorf("ca: derive JWT-SVID key from %s: %w", opts.UpstreamKeyFile, err)
+			return nil, err
 		}
-		a.jwtKey = jwtKey
+		a.jwtKey, a.jwtKID, a.jwtSigner = j.key, j.kid, j.signer
 		klog.InfoS("Using upstream CA", "trust_domain", a.td, "cert_path", opts.UpstreamCertFile,
 			"subject", up.cert.Subject.String(), "expires", up.cert.NotAfter)
 	case opts.UpstreamCertFile != "" || opts.UpstreamKeyFile != "":
@@ -189,18 +211,13 @@ func New(ctx context.Context, opts Options) (*Authority, error) {
 		}
 		a.statePath = st.path
 		a.root = st.root
-		a.oldRoot = st.oldRoots
+		for _, c := range st.oldRoots {
+			a.oldRoot = append(a.oldRoot, retiredRoot{cert: c, until: c.NotAfter})
+		}
 		a.jwtKey = st.jwtKey
-	}
-
-	kid, err := keyID(&a.jwtKey.PublicKey)
-	if err != nil {
-		return nil, fmt.Errorf("ca: JWT-SVID key id: %w", err)
-	}
-	a.jwtKID = kid
-	a.jwtSigner, err = newJWTSigner(a.jwtKey, kid)
-	if err != nil {
-		return nil, fmt.Errorf("ca: JWT-SVID signer: %w", err)
+		if a.jwtKID, a.jwtSigner, err = newJWTSigner(a.jwtKey); err != nil {
+			return nil, err
+		}
 	}
 
 	a.mu.Lock()
@@ -237,8 +254,9 @@ func (a *Authority) Changed() <-chan struct{} {
 	return a.changed
 }
 
-// Run rotates the intermediate (and, self-managed, the root) on time until
-// ctx is done. Minting also rotates when it finds the intermediate due, so
+// Run rotates the intermediate (and, self-managed, the root) on time, and
+// in upstream mode reloads the upstream files when they change, until ctx
+// is done. Minting also rotates when it finds the intermediate due, so
 // a stalled Run never lets a leaf chain to an expired intermediate. It
 // returns nil once ctx is done.
 func (a *Authority) Run(ctx context.Context) error {
@@ -248,6 +266,9 @@ func (a *Authority) Run(ctx context.Context) error {
 		// least every maxSleep notices a wall-clock step within that long.
 		wait := min(a.nextCheck.Sub(a.now()), maxSleep)
 		a.mu.RUnlock()
+		if a.upstream != nil {
+			wait = min(wait, upstreamPollInterval)
+		}
 		if wait > 0 {
 			t := a.clock.NewTimer(wait)
 			select {
@@ -258,6 +279,12 @@ func (a *Authority) Run(ctx context.Context) error {
 			}
 		} else if ctx.Err() != nil {
 			return nil
+		}
+		if a.upstream != nil {
+			if err := a.reloadUpstream(); err != nil {
+				klog.ErrorS(err, "Upstream CA files not loaded; still issuing from the current upstream CA",
+					"trust_domain", a.td, "cert_path", a.upstream.certFile, "key_path", a.upstream.keyFile)
+			}
 		}
 		a.mu.Lock()
 		_, err := a.rotateLocked(a.now())
@@ -314,8 +341,7 @@ func (a *Authority) rotateLocked(now time.Time) (changed bool, err error) {
 	rootFailed := false
 	defer func() {
 		if changed {
-			close(a.changed)
-			a.changed = make(chan struct{})
+			a.fireChangedLocked()
 		}
 		a.scheduleLocked(now, err != nil, rootFailed)
 	}()
@@ -372,36 +398,48 @@ func (a *Authority) scheduleLocked(now time.Time, failed, rootFailed bool) {
 			next = t
 		}
 	}
-	for _, c := range a.oldRoot {
-		if c.NotAfter.Before(next) {
-			next = c.NotAfter
+	for _, r := range a.oldRoot {
+		if r.until.Before(next) {
+			next = r.until
+		}
+	}
+	for _, k := range a.oldJWT {
+		if k.until.Before(next) {
+			next = k.until
 		}
 	}
 	a.nextCheck = next
 }
 
-// dropExpiredLocked forgets previous roots that have expired.
+// fireChangedLocked tells Changed's callers, and arms it for the next change.
+func (a *Authority) fireChangedLocked() {
+	close(a.changed)
+	a.changed = make(chan struct{})
+}
+
+// dropExpiredLocked forgets previous roots and JWT keys whose time is up.
 func (a *Authority) dropExpiredLocked(now time.Time) bool {
-	kept := a.oldRoot[:0:0]
-	for _, c := range a.oldRoot {
-		if now.Before(c.NotAfter) {
-			kept = append(kept, c)
-		}
-	}
-	dropped := len(kept) != len(a.oldRoot)
-	a.oldRoot = kept
+	roots := slices.DeleteFunc(slices.Clone(a.oldRoot), func(r retiredRoot) bool { return !now.Before(r.until) })
+	keys := slices.DeleteFunc(slices.Clone(a.oldJWT), func(k retiredJWT) bool { return !now.Before(k.until) })
+	dropped := len(roots) != len(a.oldRoot) || len(keys) != len(a.oldJWT)
+	a.oldRoot, a.oldJWT = roots, keys
 	return dropped
 }
 
 func (a *Authority) rebuildBundleLocked(now time.Time) {
 	b := spiffebundle.New(a.td)
 	b.AddX509Authority(a.root.cert)
-	for _, c := range a.oldRoot {
-		if now.Before(c.NotAfter) {
-			b.AddX509Authority(c)
+	for _, r := range a.oldRoot {
+		if now.Before(r.until) {
+			b.AddX509Authority(r.cert)
 		}
 	}
 	// AddJWTAuthority only fails on an empty key id, which keyID never returns.
 	_ = b.AddJWTAuthority(a.jwtKID, &a.jwtKey.PublicKey)
+	for _, k := range a.oldJWT {
+		if now.Before(k.until) {
+			_ = b.AddJWTAuthority(k.kid, k.key)
+		}
+	}
 	a.bundle = b
 }

@@ -41,7 +41,10 @@ func (a *Authority) MintJWTSVID(ctx context.Context, id spiffeid.ID, audience []
 		IssuedAt: jwt.NewNumericDate(now),
 		ID:       jti,
 	}
-	token, err := jwt.Signed(a.jwtSigner).Claims(claims).Serialize()
+	a.mu.RLock()
+	signer := a.jwtSigner
+	a.mu.RUnlock()
+	token, err := jwt.Signed(signer).Claims(claims).Serialize()
 	if err != nil {
 		return "", time.Time{}, fmt.Errorf("ca: sign JWT-SVID for %s: %w", id, err)
 	}
@@ -76,11 +79,20 @@ func keyID(pub *ecdsa.PublicKey) (string, error) {
 	return base64.RawURLEncoding.EncodeToString(sum[:16]), nil
 }
 
-func newJWTSigner(key *ecdsa.PrivateKey, kid string) (jose.Signer, error) {
-	return jose.NewSigner(
+// newJWTSigner returns the key id of key and a signer with it.
+func newJWTSigner(key *ecdsa.PrivateKey) (kid string, signer jose.Signer, err error) {
+	kid, err = keyID(&key.PublicKey)
+	if err != nil {
+		return "", nil, fmt.Errorf("ca: JWT-SVID key id: %w", err)
+	}
+	signer, err = jose.NewSigner(
 		jose.SigningKey{Algorithm: jose.ES256, Key: jose.JSONWebKey{Key: key, KeyID: kid}},
 		(&jose.SignerOptions{}).WithType("JWT"),
 	)
+	if err != nil {
+		return "", nil, fmt.Errorf("ca: JWT-SVID signer: %w", err)
+	}
+	return kid, signer, nil
 }
 
 func randomID() (string, error) {

@@ -287,13 +287,15 @@ func (a *Authority) rotateRootLocked(now time.Time) error {
 	if err != nil {
 		return err
 	}
-	old := make([]*x509.Certificate, 0, len(a.oldRoot)+1)
-	for _, c := range append([]*x509.Certificate{a.root.cert}, a.oldRoot...) {
-		if now.Before(c.NotAfter) {
-			old = append(old, c)
+	var old []retiredRoot
+	var oldCerts []*x509.Certificate
+	for _, r := range append([]retiredRoot{{cert: a.root.cert, until: a.root.cert.NotAfter}}, a.oldRoot...) {
+		if now.Before(r.until) {
+			old = append(old, r)
+			oldCerts = append(oldCerts, r.cert)
 		}
 	}
-	st := &state{path: a.statePath, root: nr, oldRoots: old, jwtKey: a.jwtKey}
+	st := &state{path: a.statePath, root: nr, oldRoots: oldCerts, jwtKey: a.jwtKey}
 	if err := st.write(); err != nil {
 		return err
 	}

@@ -1,6 +1,7 @@
 package ca
 
 import (
+	"bytes"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -8,36 +9,76 @@ import (
 	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/x509"
+	"encoding/binary"
 	"encoding/pem"
 	"errors"
 	"fmt"
 	"math/big"
-	"os"
 	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"k8s.io/klog/v2"
+
+	"github.com/csi-agent/csi-agent/internal/fsutil"
 )
 
 // minRSABits is the smallest upstream RSA key we sign with.
 const minRSABits = 2048
 
-// loadUpstream reads the upstream CA certificate and key (for example a
-// Kubernetes Secret mounted as files). The first certificate in certFile is
-// the one matching the key; it becomes the trust anchor of the bundle.
-func loadUpstream(certFile, keyFile string, td spiffeid.TrustDomain, now time.Time) (*signingCA, error) {
-	certPEM, err := os.ReadFile(certFile)
+// maxUpstreamFileSize bounds an upstream file: a Secret holds at most 1 MiB.
+const maxUpstreamFileSize = 1 << 20
+
+// upstreamFiles are the upstream CA files (for example a Kubernetes Secret
+// mounted as files), read through their paths each time so that kubelet's
+// symlink swap of the Secret directory is seen like any other change.
+type upstreamFiles struct {
+	certFile, keyFile string
+
+	// Touched only by New and then Run's goroutine.
+	sum     [sha256.Size]byte // of the content last parsed, valid or not
+	lastErr string            // last read error reported, so each is reported once
+}
+
+// read returns the content of both files. The certificate is read again
+// after the key: if it changed meanwhile, the Secret is being swapped under
+// us and the pair may not belong together, so stable reports false.
+func (u *upstreamFiles) read() (certPEM, keyPEM []byte, stable bool, err error) {
+	certPEM, err = fsutil.ReadFileLimited(u.certFile, maxUpstreamFileSize)
 	if err != nil {
-		return nil, fmt.Errorf("ca: read upstream certificate: %w", err)
+		return nil, nil, false, fmt.Errorf("ca: read upstream certificate: %w", err)
 	}
+	keyPEM, err = fsutil.ReadFileLimited(u.keyFile, maxUpstreamFileSize)
+	if err != nil {
+		return nil, nil, false, fmt.Errorf("ca: read upstream key: %w", err)
+	}
+	again, err := fsutil.ReadFileLimited(u.certFile, maxUpstreamFileSize)
+	if err != nil {
+		return nil, nil, false, fmt.Errorf("ca: read upstream certificate: %w", err)
+	}
+	return certPEM, keyPEM, bytes.Equal(certPEM, again), nil
+}
+
+// contentSum identifies a pair of file contents.
+func contentSum(certPEM, keyPEM []byte) [sha256.Size]byte {
+	h := sha256.New()
+	for _, b := range [][]byte{certPEM, keyPEM} {
+		var n [8]byte
+		binary.BigEndian.PutUint64(n[:], uint64(len(b)))
+		h.Write(n[:])
+		h.Write(b)
+	}
+	return [sha256.Size]byte(h.Sum(nil))
+}
+
+// parse checks an upstream CA certificate and key. The first
+// certificate in certPEM is the one matching the key; it becomes the trust
+// anchor of the bundle.
+func (u *upstreamFiles) parse(certPEM, keyPEM []byte, td spiffeid.TrustDomain, now time.Time) (*signingCA, error) {
+	certFile, keyFile := u.certFile, u.keyFile
 	certs, err := parseCertificatesPEM(certPEM)
 	if err != nil {
 		return nil, fmt.Errorf("ca: upstream certificate %s: %w", certFile, err)
-	}
-	keyPEM, err := os.ReadFile(keyFile)
-	if err != nil {
-		return nil, fmt.Errorf("ca: read upstream key: %w", err)
 	}
 	key, err := parsePrivateKeyPEM(keyPEM)
 	if err != nil {
@@ -61,6 +102,27 @@ func loadUpstream(certFile, keyFile string, td spiffeid.TrustDomain, now time.Ti
 			"path", certFile, "count", len(certs))
 	}
 	return &signingCA{cert: cert, key: key}, nil
+}
+
+// load reads and checks the files for New, reading again while a swap of
+// the Secret is seen in progress.
+func (u *upstreamFiles) load(td spiffeid.TrustDomain, now time.Time) (*signingCA, error) {
+	var certPEM, keyPEM []byte
+	for range 3 {
+		var (
+			stable bool
+			err    error
+		)
+		certPEM, keyPEM, stable, err = u.read()
+		if err != nil {
+			return nil, err
+		}
+		if stable {
+			break
+		}
+	}
+	u.sum = contentSum(certPEM, keyPEM)
+	return u.parse(certPEM, keyPEM, td, now)
 }
 
 // parseCertificatesPEM parses a file of PEM certificates and nothing else.

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"github.com/csi-agent/csi-agent/internal/fsutil"
+	"net"
 	"path/filepath"
 	"reflect"
 	"sort"
@@ -58,6 +59,8 @@ type Config struct {
 	Unix        Unix                `json:"unix"`
 	Federation  []federation.Source `json:"federation"`
 	SVIDs       []rules.SVID        `json:"svids"`
+	Metrics     Metrics             `json:"metrics"`
+	Logging     Logging             `json:"logging"`
 
 	// Dev is set by --dev only: temp dirs, CSI off, a rule for the current user.
 	Dev bool `json:"-"`
@@ -139,6 +142,24 @@ type Kubelet struct {
 	Anonymous           bool `json:"anonymous"`
 }
 
+// Metrics configures the HTTP listener of /metrics, /livez and /readyz.
+type Metrics struct {
+	// Addr is host:port to listen on; empty (the default) turns it off.
+	Addr string `json:"addr"`
+}
+
+// Logging configures the log output.
+type Logging struct {
+	// Format is "text" (klog's, the default) or "json" (component-base's).
+	Format string `json:"format"`
+}
+
+// Log formats.
+const (
+	LogFormatText = "text"
+	LogFormatJSON = "json"
+)
+
 // CA configures the issuing authority.
 type CA struct {
 	UpstreamCertFile string   `json:"upstreamCertFile"`
@@ -204,8 +225,9 @@ func Default() Config {
 			Kubelet:     Kubelet{Port: DefaultKubeletPort, TokenFile: DefaultTokenFile, CAFile: DefaultKubeletCAFile},
 			RetryBudget: Duration(DefaultRetryBudget),
 		},
-		CA:   CA{X509SVIDTTL: Duration(DefaultX509SVIDTTL), JWTSVIDTTL: Duration(DefaultJWTSVIDTTL)},
-		Unix: Unix{MaxBinarySize: DefaultMaxBinarySize, PasswdFile: DefaultPasswdFile, GroupFile: DefaultGroupFile},
+		CA:      CA{X509SVIDTTL: Duration(DefaultX509SVIDTTL), JWTSVIDTTL: Duration(DefaultJWTSVIDTTL)},
+		Unix:    Unix{MaxBinarySize: DefaultMaxBinarySize, PasswdFile: DefaultPasswdFile, GroupFile: DefaultGroupFile},
+		Logging: Logging{Format: LogFormatText},
 	}
 }
 
@@ -436,6 +458,14 @@ func (c *Config) Validate() error {
 	}
 	if err := c.WorkloadAPI.Limits.validate(); err != nil {
 		return err
+	}
+	if f := c.Logging.Format; f != LogFormatText && f != LogFormatJSON {
+		return fmt.Errorf("logging.format: must be %s or %s, got %q", LogFormatText, LogFormatJSON, f)
+	}
+	if a := c.Metrics.Addr; a != "" {
+		if _, port, err := net.SplitHostPort(a); err != nil || port == "" {
+			return fmt.Errorf("metrics.addr: must be host:port (such as 0.0.0.0:9808 or 127.0.0.1:9808), got %q", a)
+		}
 	}
 	// sun_path holds 108 bytes including the terminating NUL.
 	if n := len(c.WorkloadAPI.SocketPath()); n > 107 {

@@ -62,6 +62,8 @@ func FromArgs(args []string, getenv func(string) string, usage io.Writer, extra 
 	str("upstream-ca-key", "upstream CA private key (PEM)", func(c *Config, v string) { c.CA.UpstreamKeyFile = v })
 	dur("x509-svid-ttl", "X.509-SVID lifetime (default 1h)", func(c *Config, v Duration) { c.CA.X509SVIDTTL = v })
 	dur("jwt-svid-ttl", "JWT-SVID lifetime (default 5m)", func(c *Config, v Duration) { c.CA.JWTSVIDTTL = v })
+	str("metrics-addr", "host:port of /metrics, /livez and /readyz (HTTP); empty (default) turns them off", func(c *Config, v string) { c.Metrics.Addr = v })
+	str("logging-format", "log format: text or json (default text)", func(c *Config, v string) { c.Logging.Format = v })
 
 	if err := fs.Parse(args); err != nil {
 		return Default(), err

@@ -38,6 +38,9 @@ const (
 // Options configures a Cache.
 type Options struct {
 	Clock clock.Clock // nil means the real clock
+	// Minted, if set, is told of every SVID minted: its kind ("x509",
+	// "jwt") and whether it replaced a cached one (metrics).
+	Minted func(kind string, rotation bool)
 }
 
 // Cache hands out SVIDs minted by an Authority, minting each (ID, DNS names)
@@ -56,8 +59,9 @@ type Cache struct {
 	subs     map[*Subscription]struct{}
 	watchers map[key]map[*Subscription]struct{} // X.509 entry -> holders
 
-	wake  chan struct{} // a new entry may move Run's next deadline
-	mints atomic.Int64  // minting calls made, for tests
+	wake   chan struct{} // a new entry may move Run's next deadline
+	minted func(kind string, rotation bool)
+	mints  atomic.Int64 // minting calls made, for tests
 }
 
 // JWT is a JWT-SVID and its expiry.
@@ -109,6 +113,7 @@ type table[V any] struct {
 	// wakeHolders: subscriptions watch these entries and must re-read them
 	// when they change.
 	wakeHolders bool
+	kind        string // as Options.Minted is told it
 }
 
 // New returns an empty cache in front of auth.
@@ -119,6 +124,7 @@ func New(auth *ca.Authority, opts Options) *Cache {
 		subs:     map[*Subscription]struct{}{},
 		watchers: map[key]map[*Subscription]struct{}{},
 		wake:     make(chan struct{}, 1),
+		minted:   opts.Minted,
 	}
 	if c.clock == nil {
 		c.clock = clock.RealClock{}
@@ -128,12 +134,14 @@ func New(auth *ca.Authority, opts Options) *Cache {
 		flights:     map[key]*flight[*x509svid.SVID]{},
 		mint:        c.mintX509,
 		wakeHolders: true,
+		kind:        "x509",
 	}
 	c.jwt = table[JWT]{
 		entries: map[key]*entry[JWT]{},
 		flights: map[key]*flight[JWT]{},
 		mint:    c.mintJWT,
 		limit:   maxJWTEntries,
+		kind:    "jwt",
 	}
 	return c
 }
@@ -266,6 +274,9 @@ func renew[V any](ctx context.Context, c *Cache, t *table[V], k key, req request
 	c.mu.Unlock()
 	close(f.done)
 
+	if minted && c.minted != nil {
+		c.minted(t.kind, old != nil)
+	}
 	if (minted || dropped) && t.wakeHolders {
 		// Also on a first mint (an entry evicted and minted again may
 		// still have holders of the old one) and when the SVID expired

@@ -28,6 +28,7 @@ import (
 var (
 	cleanupOnly = flag.Bool("e2e.cleanup", false, "only tear down what an earlier run left under the base directory, then exit")
 	baseDir     = flag.String("e2e.base", envOr("CSI_AGENT_E2E_BASE", "/var/lib/csi-agent-e2e"), "directory of the hermetic node (removed afterwards)")
+	toolsDir    = flag.String("e2e.tools", envOr("CSI_AGENT_E2E_TOOLS", "tools"), "module (relative to tests/e2e) pinning the k8s.io/kubernetes to build kubelet and kube-apiserver from: tools (current) or tools-oldest")
 	artifacts   = flag.String("e2e.artifacts", envOr("CSI_AGENT_E2E_ARTIFACTS", filepath.Join(os.TempDir(), "csi-agent-e2e-artifacts")), "where logs go when the run fails")
 )
 
@@ -148,6 +149,7 @@ func setupLocal(ctx context.Context, logf func(string, ...any)) error {
 		Base:           *baseDir,
 		RepoRoot:       filepath.Join(wd, "..", ".."),
 		E2EDir:         wd,
+		ToolsDir:       filepath.Join(wd, *toolsDir),
 		CacheDir:       filepath.Join(cache, "csi-agent-e2e"),
 		Artifacts:      *artifacts,
 		AgentOverrides: agentOverrides(),
@@ -157,6 +159,8 @@ func setupLocal(ctx context.Context, logf func(string, ...any)) error {
 	if err != nil {
 		return err
 	}
+	logf("node: Kubernetes %s (kubelet %s, containerd %s, kernel %s)", n.Version, n.NodeInfo.KubeletVersion,
+		n.NodeInfo.ContainerRuntimeVersion, n.NodeInfo.KernelVersion)
 	suite.client, suite.node = n.Client, n
 	suite.trustDomain, _ = n.AgentConfig["trustDomain"].(string)
 	return nil

@@ -10,9 +10,17 @@
 # CSI_AGENT_E2E_ARTIFACTS receives logs of a failed run;
 # CSI_AGENT_E2E_RESULTS appends the latency measurement to a file.
 # Extra arguments go to the test binary, e.g. -test.run TestPodGets.
+# --oldest (first argument): the smoke on the oldest supported Kubernetes
+# (tools-oldest/go.mod): one pod gets its SVID, on a node of that version.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 start=$(date +%s)
+label=current
+if [ "${1:-}" = --oldest ]; then
+	shift
+	label=oldest
+	set -- -e2e.tools=tools-oldest -test.run '^TestPodGetsIdentityFromCSIVolume$' "$@"
+fi
 
 if [ "$(id -u)" != 0 ]; then
 	if [ "${CSI_AGENT_REQUIRE_ROOT_TESTS:-}" = 1 ]; then
@@ -49,5 +57,5 @@ trap cleanup EXIT
 
 status=0
 go test -count=1 -v -timeout 35m . -args "$@" || status=$?
-echo "e2e: wall time $(( $(date +%s) - start ))s (status $status)"
+echo "e2e ($label): wall time $(( $(date +%s) - start ))s (status $status)"
 exit $status

@@ -46,6 +46,7 @@ type Options struct {
 	Base      string // every file of the node lives here; removed at the end
 	RepoRoot  string
 	E2EDir    string // the tests/e2e module
+	ToolsDir  string // module pinning k8s.io/kubernetes; default E2EDir/tools
 	CacheDir  string // built Kubernetes binaries, by version
 	Artifacts string // logs are copied here when the run failed
 	// AgentOverrides replace top-level keys of the deploy config.yaml (a map
@@ -65,7 +66,9 @@ type Local struct {
 
 	Rest        *rest.Config
 	Client      kubernetes.Interface
-	AgentConfig map[string]any // as the agent runs it, paths rewritten
+	Version     string                // Kubernetes version of kubelet and kube-apiserver
+	NodeInfo    corev1.NodeSystemInfo // as the kubelet reported it
+	AgentConfig map[string]any        // as the agent runs it, paths rewritten
 	paths       *strings.Replacer
 	kubeletArgs []string
 	kubelet     string
@@ -186,7 +189,16 @@ func preflight() error {
 }
 
 func (n *Local) buildKubernetes(ctx context.Context) error {
-	kubelet, apiserver, err := BuildKubernetes(ctx, filepath.Join(n.opts.E2EDir, "tools"), n.opts.CacheDir, n.opts.Logf)
+	tools := n.opts.ToolsDir
+	if tools == "" {
+		tools = filepath.Join(n.opts.E2EDir, "tools")
+	}
+	version, err := KubernetesVersion(tools)
+	if err != nil {
+		return err
+	}
+	n.Version = version
+	kubelet, apiserver, err := BuildKubernetes(ctx, tools, n.opts.CacheDir, n.opts.Logf)
 	n.kubelet = kubelet
 	n.st.APIServer = apiserver
 	return err
@@ -543,6 +555,11 @@ maxPods: 110
 		if err != nil {
 			return false, nil
 		}
+		// A stale cache or a wrong stamp would test another version than named.
+		if v := node.Status.NodeInfo.KubeletVersion; v != n.Version {
+			return false, fmt.Errorf("node %s reports kubelet %s, built %s", NodeName, v, n.Version)
+		}
+		n.NodeInfo = node.Status.NodeInfo
 		for _, c := range node.Status.Conditions {
 			if c.Type == corev1.NodeReady {
 				return c.Status == corev1.ConditionTrue, nil
