@@ -51,7 +51,7 @@ func (c *transportCreds) ServerHandshake(rawConn net.Conn) (net.Conn, credential
 		return nil, nil, err
 	}
 	if c.adm != nil {
-		if info.slot, err = c.adm.admit(info); err != nil {
+		if info.slot, err = c.adm.admit(info, rawConn.Close); err != nil {
 			info.Close()
 			return nil, nil, err
 		}

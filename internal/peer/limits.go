@@ -45,67 +45,137 @@ type admission struct {
 	mu       sync.Mutex
 	total    int
 	unproven int
-	byCaller map[string]int
+	callers  map[string]*callerConns
+}
+
+// callerConns are one caller's open connections.
+type callerConns struct {
+	open     int
+	unproven []*slot // not yet served an identity, oldest first
 }
 
 func newAdmission(l Limits) *admission {
 	if l.CallerKey == nil {
 		l.CallerKey = uidKey
 	}
-	return &admission{limits: l, byCaller: map[string]int{}}
+	return &admission{limits: l, callers: map[string]*callerConns{}}
 }
 
 // slot is one admitted connection.
 type slot struct {
-	a        *admission
-	key      string
-	proven   atomic.Bool
-	released atomic.Bool
-	revoked  atomic.Pointer[string] // why the connection may no longer be served
+	a     *admission
+	key   string
+	close func() error // drops the connection, for an eviction
+
+	proven, released bool // under a.mu
+
+	revoked atomic.Pointer[string] // why the connection may no longer be served
 }
 
-func (a *admission) admit(info Info) (*slot, error) {
+// admit counts a new connection of info's caller, or refuses it. When the
+// connections without an identity are at their limit, the oldest of the
+// caller holding the most of them makes room, unless that is this caller
+// (or no caller holds clearly more): a flood of idle connections from some
+// callers cannot keep another caller's new connection out.
+func (a *admission) admit(info Info, closeConn func() error) (*slot, error) {
 	key := a.limits.CallerKey(info)
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	l := a.limits
+	c := a.callers[key]
+	if c == nil {
+		c = &callerConns{}
+	}
 	switch {
 	case l.Total > 0 && a.total >= l.Total:
 		return nil, fmt.Errorf("%w: %d open, the limit", ErrTooManyConnections, a.total)
+	case l.PerCaller > 0 && c.open >= l.PerCaller:
+		return nil, fmt.Errorf("%w: %d open from %s, the limit", ErrTooManyConnections, c.open, key)
 	case l.Unproven > 0 && a.unproven >= l.Unproven:
-		return nil, fmt.Errorf("%w: %d open without an identity, the limit", ErrTooManyConnections, a.unproven)
-	case l.PerCaller > 0 && a.byCaller[key] >= l.PerCaller:
-		return nil, fmt.Errorf("%w: %d open from %s, the limit", ErrTooManyConnections, a.byCaller[key], key)
+		victim := a.evictableLocked(key, len(c.unproven))
+		if victim == nil {
+			return nil, fmt.Errorf("%w: %d open without an identity, the limit", ErrTooManyConnections, a.unproven)
+		}
+		a.releaseLocked(victim)
+		go victim.close()
 	}
+	a.callers[key] = c
+	sl := &slot{a: a, key: key, close: closeConn}
 	a.total++
 	a.unproven++
-	a.byCaller[key]++
-	return &slot{a: a, key: key}, nil
+	c.open++
+	c.unproven = append(c.unproven, sl)
+	return sl, nil
+}
+
+// evictableLocked picks the oldest unproven connection of the caller with
+// the most of them, if that caller is another and holds more than one
+// beyond what the newcomer holds.
+func (a *admission) evictableLocked(newcomer string, held int) *slot {
+	var most *callerConns
+	mostKey := ""
+	for k, c := range a.callers {
+		if most == nil || len(c.unproven) > len(most.unproven) {
+			most, mostKey = c, k
+		}
+	}
+	if most == nil || mostKey == newcomer || len(most.unproven) <= held+1 {
+		return nil
+	}
+	return most.unproven[0]
 }
 
 // prove moves the connection out of the unproven pool, once.
 func (s *slot) prove() {
-	if s == nil || s.released.Load() || !s.proven.CompareAndSwap(false, true) {
+	if s == nil {
 		return
 	}
-	s.a.mu.Lock()
-	if !s.released.Load() {
-		s.a.unproven--
+	a := s.a
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if s.proven || s.released {
+		return
 	}
-	s.a.mu.Unlock()
+	s.proven = true
+	a.unproven--
+	a.dropUnprovenLocked(s)
 }
 
 func (s *slot) release() {
-	if s == nil || !s.released.CompareAndSwap(false, true) {
+	if s == nil {
 		return
 	}
 	s.a.mu.Lock()
 	defer s.a.mu.Unlock()
-	s.a.total--
-	if !s.proven.Load() {
-		s.a.unproven--
+	s.a.releaseLocked(s)
+}
+
+func (a *admission) releaseLocked(s *slot) {
+	if s.released {
+		return
 	}
-	if s.a.byCaller[s.key]--; s.a.byCaller[s.key] <= 0 {
-		delete(s.a.byCaller, s.key)
+	s.released = true
+	a.total--
+	if !s.proven {
+		a.unproven--
+		a.dropUnprovenLocked(s)
+	}
+	if c := a.callers[s.key]; c != nil {
+		if c.open--; c.open <= 0 {
+			delete(a.callers, s.key)
+		}
+	}
+}
+
+func (a *admission) dropUnprovenLocked(s *slot) {
+	c := a.callers[s.key]
+	if c == nil {
+		return
+	}
+	for i, x := range c.unproven {
+		if x == s {
+			c.unproven = append(c.unproven[:i], c.unproven[i+1:]...)
+			return
+		}
 	}
 }

@@ -2,9 +2,11 @@ package peer
 
 import (
 	"errors"
+	"io"
 	"net"
 	"os"
 	"testing"
+	"time"
 
 	"google.golang.org/grpc/credentials"
 )
@@ -107,4 +109,66 @@ func openFDs(t *testing.T) int {
 		t.Fatal(err)
 	}
 	return len(entries)
+}
+
+// When the connections without an identity are at their limit, a new
+// caller's connection is let in by closing the oldest one of the caller that
+// holds the most; that caller itself cannot push its way in.
+func TestUnprovenEviction(t *testing.T) {
+	var key string
+	creds := Credentials(Limits{Unproven: 3, CallerKey: func(Info) string { return key }})
+	type held struct {
+		client net.Conn
+		info   Info
+	}
+	open := func(caller string) (held, error) {
+		key = caller
+		server, client := unixPair(t)
+		t.Cleanup(func() { client.Close(); server.Close() })
+		conn, ai, err := creds.ServerHandshake(server)
+		if err != nil {
+			return held{}, err
+		}
+		t.Cleanup(func() { conn.Close() })
+		return held{client: client, info: ai.(AuthInfo).Info}, nil
+	}
+	closed := func(h held) bool {
+		_ = h.client.SetReadDeadline(time.Now().Add(2 * time.Second))
+		_, err := h.client.Read(make([]byte, 1))
+		return errors.Is(err, io.EOF)
+	}
+	var flood []held
+	for range 3 {
+		h, err := open("hostile")
+		if err != nil {
+			t.Fatal(err)
+		}
+		flood = append(flood, h)
+	}
+	if _, err := open("hostile"); !errors.Is(err, ErrTooManyConnections) {
+		t.Fatalf("the flooding caller's fourth connection: %v, want refused", err)
+	}
+	pod, err := open("pod")
+	if err != nil {
+		t.Fatalf("a new caller was kept out by the flood: %v", err)
+	}
+	if !closed(flood[0]) {
+		t.Fatal("the flood's oldest connection was not closed to make room")
+	}
+	pod.info.MarkEntitled()
+	// The pod's connection is proven and leaves the pool: room for one more
+	// without closing anything; after that the flood pays again, until it
+	// holds no more than anyone else.
+	if _, err := open("other"); err != nil {
+		t.Fatalf("a second new caller: %v", err)
+	}
+	if _, err := open("third"); err != nil {
+		t.Fatalf("a third new caller: %v", err)
+	}
+	if !closed(flood[1]) {
+		t.Fatal("the flood's next oldest connection was not closed")
+	}
+	if _, err := open("fourth"); !errors.Is(err, ErrTooManyConnections) {
+		t.Fatalf("with the pool shared evenly, a new caller: %v, want refused", err)
+	}
 }

@@ -55,6 +55,13 @@ func startAgent(t *testing.T) *agent { t.Helper(); return startAgentWith(t, "") 
 // startAgentWith starts the agent with extra YAML added to its config.
 func startAgentWith(t *testing.T, extra string) *agent {
 	t.Helper()
+	return startAgentLimited(t, extra, 0)
+}
+
+// startAgentLimited also sets the agent's open-file limit (soft and hard)
+// when nofile > 0.
+func startAgentLimited(t *testing.T, extra string, nofile int) *agent {
+	t.Helper()
 	dir, err := os.MkdirTemp("", "csi-agent-attack-")
 	if err != nil {
 		t.Fatal(err)
@@ -92,7 +99,11 @@ func startAgentWith(t *testing.T, extra string) *agent {
 	t.Cleanup(func() { logf.Close() })
 	// The shell joins the cgroup and then becomes the agent, so that every
 	// byte the agent ever uses is charged to the limit.
-	a.cmd = exec.Command("/bin/sh", "-c", `echo $$ > "$0/cgroup.procs" && exec "$@"`, a.cg.dir,
+	limit := ""
+	if nofile > 0 {
+		limit = fmt.Sprintf("ulimit -n %d && ", nofile)
+	}
+	a.cmd = exec.Command("/bin/sh", "-c", limit+`echo $$ > "$0/cgroup.procs" && exec "$@"`, a.cg.dir,
 		bin, "run", "--dev", "--config", cfg, "--state-dir", filepath.Join(dir, "state"),
 		"--workload-api-socket-dir", filepath.Join(dir, "sockets"))
 	a.cmd.Stdout, a.cmd.Stderr = logf, logf
@@ -280,6 +291,23 @@ func TestAttacksUnderMemoryLimit(t *testing.T) {
 		a.stillServes(t, "40 calls with 3 MB audiences")
 	})
 	t.Logf("cgroup peak over all attacks: %d MiB of %d", a.cg.peak()>>20, memoryLimit>>20)
+}
+
+// With an open-file limit below the configured connections, the agent
+// keeps descriptors in reserve (for the CSI socket, the kubelet, its files)
+// however many connections a caller opens.
+func TestConnectionsFitTheOpenFileLimit(t *testing.T) {
+	testutil.RequireRoot(t)
+	const nofile = 1024
+	a := startAgentLimited(t, "", nofile)
+	at := a.attack(t, nobodyUID, "idle-connections", 5000)
+	if fds := countFDs(a.cmd.Process.Pid); fds > nofile-256 {
+		t.Errorf("the agent holds %d descriptors of its %d during the flood: no reserve left", fds, nofile)
+	} else {
+		t.Logf("agent descriptors during 5,000 idle connections: %d of %d (%s)", fds, nofile, at.report)
+	}
+	a.stillServes(t, "5,000 idle connections with 1,024 open files")
+	at.stop()
 }
 
 func copyFile(from, to string) error {
