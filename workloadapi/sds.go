@@ -149,7 +149,7 @@ func (d sdsServer) StreamSecrets(stream secretv3.SecretDiscoveryService_StreamSe
 		}
 		pid = c.pid
 		// What this stream serves, and only that, wakes it when renewed.
-		resources, err := s.secrets(ctx, c, st.req.GetResourceNames(), st.node, ids, sub.Watch)
+		resources, err := s.secrets(ctx, c, st.req.GetResourceNames(), st.node, ids, sub)
 		if err != nil {
 			return err
 		}
@@ -228,22 +228,24 @@ func (s *Server) attestEntitled(ctx context.Context) (caller, []rules.Identity, 
 }
 
 // secrets builds the named resources for a caller holding ids, in the form
-// node reads, minting the SVIDs among them. Before it reads those it tells
-// watch, if not nil, which they are.
-func (s *Server) secrets(ctx context.Context, c caller, names []string, node *corev3.Node, ids []rules.Identity, watch func([]svidcache.X509Key)) ([]*anypb.Any, error) {
+// node reads, minting the SVIDs among them. Before it reads those it makes
+// sub, if not nil, watch them, and reads them through it.
+func (s *Server) secrets(ctx context.Context, c caller, names []string, node *corev3.Node, ids []rules.Identity, sub *svidcache.Subscription) ([]*anypb.Any, error) {
 	fed := s.federated()
 	picks, err := selectSecrets(names, ids, s.td, slices.Collect(maps.Keys(fed)))
 	if err != nil {
 		return nil, err
 	}
-	if watch != nil {
+	fetch := s.svids.X509SVID
+	if sub != nil {
+		fetch = sub.X509SVID
 		var keys []svidcache.X509Key
 		for _, p := range picks {
 			if p.svid >= 0 {
 				keys = append(keys, svidcache.X509Key{ID: ids[p.svid].ID, DNSNames: ids[p.svid].DNSNames})
 			}
 		}
-		watch(keys)
+		sub.Watch(keys)
 	}
 	bundles := map[spiffeid.TrustDomain]*spiffebundle.Bundle{s.td: s.bundle.Bundle()}
 	maps.Copy(bundles, fed)
@@ -254,7 +256,7 @@ func (s *Server) secrets(ctx context.Context, c caller, names []string, node *co
 		var secret *tlsv3.Secret
 		switch {
 		case p.svid >= 0:
-			if secret, err = s.tlsCertificate(ctx, c, p.name, ids[p.svid]); err != nil {
+			if secret, err = s.tlsCertificate(ctx, c, p.name, ids[p.svid], fetch); err != nil {
 				return nil, err
 			}
 		case p.all:
@@ -275,8 +277,8 @@ func (s *Server) secrets(ctx context.Context, c caller, names []string, node *co
 
 // tlsCertificate mints (or takes from the cache) the SVID of id as a TLS
 // certificate secret, auditing a mint as the X.509-SVID stream does.
-func (s *Server) tlsCertificate(ctx context.Context, c caller, name string, id rules.Identity) (*tlsv3.Secret, error) {
-	svid, minted, err := s.svids.X509SVID(ctx, id.ID, id.DNSNames)
+func (s *Server) tlsCertificate(ctx context.Context, c caller, name string, id rules.Identity, fetch x509Fetch) (*tlsv3.Secret, error) {
+	svid, minted, err := fetch(ctx, id.ID, id.DNSNames)
 	if err != nil {
 		klog.ErrorS(err, "Minting X.509-SVID failed", "spiffe_id", id.ID.String())
 		return nil, status.Errorf(codes.Unavailable, "could not mint X.509-SVID for %s: %v", id.ID, err)

@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	workloadpb "github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -48,7 +49,7 @@ func (s *Server) FetchX509SVID(_ *workloadpb.X509SVIDRequest, stream grpc.Server
 		// Watch what this caller holds before reading it: a renewal of
 		// those, and only those, wakes this stream.
 		sub.Watch(x509Keys(ids))
-		resp, issued, err := s.x509Response(ctx, ids)
+		resp, issued, err := s.x509Response(ctx, ids, sub.X509SVID)
 		if err != nil {
 			return err
 		}
@@ -91,13 +92,17 @@ type issuedSVID struct {
 	minted              bool // by this call
 }
 
-func (s *Server) x509Response(ctx context.Context, ids []rules.Identity) (*workloadpb.X509SVIDResponse, []issuedSVID, error) {
+// x509Fetch reads an X.509-SVID from the cache (through a stream's
+// subscription, so that its own mint does not wake it).
+type x509Fetch func(ctx context.Context, id spiffeid.ID, dnsNames []string) (*x509svid.SVID, bool, error)
+
+func (s *Server) x509Response(ctx context.Context, ids []rules.Identity, fetch x509Fetch) (*workloadpb.X509SVIDResponse, []issuedSVID, error) {
 	own := s.bundle.Bundle()
 	ownDER := concatDER(own.X509Authorities())
 	resp := &workloadpb.X509SVIDResponse{Svids: make([]*workloadpb.X509SVID, 0, len(ids))}
 	issued := make([]issuedSVID, 0, len(ids))
 	for _, id := range ids {
-		svid, minted, err := s.svids.X509SVID(ctx, id.ID, id.DNSNames)
+		svid, minted, err := fetch(ctx, id.ID, id.DNSNames)
 		if err != nil {
 			klog.ErrorS(err, "Minting X.509-SVID failed", "spiffe_id", id.ID.String())
 			return nil, nil, status.Errorf(codes.Unavailable, "could not mint X.509-SVID for %s: %v", id.ID, err)

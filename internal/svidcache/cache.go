@@ -152,13 +152,13 @@ func New(auth *ca.Authority, opts Options) *Cache {
 // the caller can audit the mint once with who caused it; every other
 // caller shares the result.
 func (c *Cache) X509SVID(ctx context.Context, id spiffeid.ID, dnsNames []string) (svid *x509svid.SVID, minted bool, err error) {
-	return get(ctx, c, &c.x509, x509Key(id, dnsNames), request{id, dnsNames})
+	return get(ctx, c, &c.x509, x509Key(id, dnsNames), request{id, dnsNames}, nil)
 }
 
 // JWTSVID returns a cached JWT-SVID for id and the audience set, minting one
 // on first use or once past half its lifetime; minted as for X509SVID.
 func (c *Cache) JWTSVID(ctx context.Context, id spiffeid.ID, audience []string) (jwt JWT, minted bool, err error) {
-	return get(ctx, c, &c.jwt, key{id.String(), canonical(audience, false)}, request{id, audience})
+	return get(ctx, c, &c.jwt, key{id.String(), canonical(audience, false)}, request{id, audience}, nil)
 }
 
 // Notify wakes every subscription: everything may have changed, for
@@ -181,7 +181,9 @@ func (e *entry[V]) valid(now time.Time) bool {
 }
 
 // get returns the entry's value; minted reports that this call minted it.
-func get[V any](ctx context.Context, c *Cache, t *table[V], k key, req request) (_ V, minted bool, _ error) {
+// A mint wakes the entry's holders, except the subscription that asked:
+// it holds the new value already.
+func get[V any](ctx context.Context, c *Cache, t *table[V], k key, req request, asker *Subscription) (_ V, minted bool, _ error) {
 	now := c.now()
 	c.mu.RLock()
 	e := t.entries[k]
@@ -190,7 +192,7 @@ func get[V any](ctx context.Context, c *Cache, t *table[V], k key, req request) 
 		e.touch(now)
 		return e.val, false, nil
 	}
-	e, minted, err := renew(ctx, c, t, k, req, true)
+	e, minted, err := renew(ctx, c, t, k, req, true, asker)
 	if err != nil {
 		var zero V
 		return zero, false, err
@@ -204,7 +206,7 @@ func get[V any](ctx context.Context, c *Cache, t *table[V], k key, req request) 
 // asked (as opposed to Run renewing ahead of time). minted reports that this
 // call minted the value it returns; the entry's holders have been woken,
 // as they are when an expired entry is dropped.
-func renew[V any](ctx context.Context, c *Cache, t *table[V], k key, req request, used bool) (_ *entry[V], minted bool, _ error) {
+func renew[V any](ctx context.Context, c *Cache, t *table[V], k key, req request, used bool, asker *Subscription) (_ *entry[V], minted bool, _ error) {
 	c.mu.Lock()
 	old := t.entries[k]
 	if now := c.now(); old != nil && old.fresh(now) {
@@ -281,7 +283,7 @@ func renew[V any](ctx context.Context, c *Cache, t *table[V], k key, req request
 		// Also on a first mint (an entry evicted and minted again may
 		// still have holders of the old one) and when the SVID expired
 		// unrenewed: its holders must not keep it silently.
-		c.wakeHolders(k)
+		c.wakeHolders(k, asker)
 	}
 	if minted && old == nil {
 		select {

@@ -63,14 +63,14 @@ func (c *Cache) sweep(ctx context.Context) (next time.Time) {
 	for _, k := range evicted {
 		// Holders of an SVID that expired (or that a step of the wall
 		// clock put outside its validity) must not keep it silently.
-		c.wakeHolders(k)
+		c.wakeHolders(k, nil)
 	}
 
 	for _, d := range dueX509 {
 		if ctx.Err() != nil {
 			break
 		}
-		e, minted, err := renew(ctx, c, &c.x509, d.k, d.req, false)
+		e, minted, err := renew(ctx, c, &c.x509, d.k, d.req, false, nil)
 		if minted {
 			// The audit line of a mint no caller asked for; holders
 			// receive it as a delivery.

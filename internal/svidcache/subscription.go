@@ -2,6 +2,8 @@ package svidcache
 
 import (
 	"cmp"
+	"context"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"slices"
 	"strings"
 
@@ -97,13 +99,23 @@ func (s *Subscription) wake() {
 	}
 }
 
-// wakeHolders wakes the subscriptions watching the X.509-SVID at k.
-func (c *Cache) wakeHolders(k key) {
+// wakeHolders wakes the subscriptions watching the X.509-SVID at k, but
+// not except.
+func (c *Cache) wakeHolders(k key, except *Subscription) {
 	c.subMu.Lock()
 	defer c.subMu.Unlock()
 	for s := range c.watchers[k] {
-		s.wake()
+		if s != except {
+			s.wake()
+		}
 	}
+}
+
+// X509SVID is Cache.X509SVID for the holder of s: when it mints, the other
+// holders are woken but s is not, since it gets the new SVID here. (A
+// stream woken by its own mint would attest its caller again for nothing.)
+func (s *Subscription) X509SVID(ctx context.Context, id spiffeid.ID, dnsNames []string) (svid *x509svid.SVID, minted bool, err error) {
+	return get(ctx, s.c, &s.c.x509, x509Key(id, dnsNames), request{id, dnsNames}, s)
 }
 
 // wakeAll wakes every subscription.

@@ -244,3 +244,29 @@ func TestSubscriptionMissesNoRenewal(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// A mint through a subscription wakes the entry's other holders, not the
+// subscription that asked: it has the new SVID already.
+func TestMintDoesNotWakeTheAsker(t *testing.T) {
+	f := newFixture(t, nil)
+	id := spiffeid.RequireFromPath(testTD, "/w")
+	asker, other := f.cache.Subscribe(), f.cache.Subscribe()
+	defer asker.Close()
+	defer other.Close()
+	for _, s := range []*Subscription{asker, other} {
+		s.Watch([]X509Key{{ID: id}})
+	}
+	if _, minted, err := asker.X509SVID(context.Background(), id, nil); err != nil || !minted {
+		t.Fatalf("X509SVID = minted %v, %v", minted, err)
+	}
+	select {
+	case <-other.C():
+	case <-time.After(5 * time.Second):
+		t.Fatal("another holder was not woken by the mint")
+	}
+	select {
+	case <-asker.C():
+		t.Fatal("the subscription that minted was woken by its own mint")
+	case <-time.After(50 * time.Millisecond):
+	}
+}
