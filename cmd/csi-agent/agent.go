@@ -47,6 +47,9 @@ type agentOptions struct {
 	reload func() (config.Config, error)
 	// started, if set, is called once the Workload API serves.
 	started func()
+	// metricsListening, if set, is told the metrics listener's address: a
+	// port 0 in the configuration is known only once it is bound.
+	metricsListening func(net.Addr)
 }
 
 // runAgentConfig constructs every component from cfg, then runs them until
@@ -92,6 +95,9 @@ func runAgentConfig(ctx context.Context, cfg config.Config, opts agentOptions) e
 			return err
 		}
 		defer metricsLn.Close()
+		if opts.metricsListening != nil {
+			opts.metricsListening(metricsLn.Addr())
+		}
 	}
 	auth, err := ca.New(ctx, cfg.CAOptions(td))
 	if err != nil {
