@@ -12,8 +12,8 @@ import (
 
 // The deploy RBAC gives the agent what its kubelet client needs and nothing
 // more; asked of the API server's own authorizer. GET /pods is "get
-// nodes/pods" on kubelets with fine-grained authorization (v1.33+, this
-// node's v1.34 included); nodes/proxy, which would also authorize exec, is
+// nodes/pods" on kubelets with fine-grained authorization (v1.33+: this
+// node's v1.37 and the v1.33 smoke); nodes/proxy, which would also authorize exec, is
 // only in the optional components/kubelet-nodes-proxy. The agent attesting
 // pods at all in the other tests shows the kubelet accepts nodes/pods.
 func TestAgentRBACIsMinimal(t *testing.T) {

@@ -344,6 +344,14 @@ func (n *Local) applyManifests(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	spiffeCSIOverlay, err := ComponentOverlay(deployDir, tmp, "spiffe-csi")
+	if err != nil {
+		return err
+	}
+	withSpiffeCSI, err := Kustomize(spiffeCSIOverlay)
+	if err != nil {
+		return err
+	}
 	a, err := NewApplier(n.Rest)
 	if err != nil {
 		return err
@@ -356,13 +364,13 @@ func (n *Local) applyManifests(ctx context.Context) error {
 			}
 		}
 	}
-	for _, o := range append(append(all, withCA...), withProxy...) {
+	for _, o := range append(append(append(all, withCA...), withProxy...), withSpiffeCSI...) {
 		if err := a.Apply(ctx, o, true); err != nil {
 			return err
 		}
 	}
-	n.opts.Logf("node: %d deploy objects passed server-side dry-run (%d with the upstream-ca component, %d with kubelet-nodes-proxy)",
-		len(all), len(withCA), len(withProxy))
+	n.opts.Logf("node: %d deploy objects passed server-side dry-run (%d with the upstream-ca component, %d with kubelet-nodes-proxy, %d with spiffe-csi)",
+		len(all), len(withCA), len(withProxy), len(withSpiffeCSI))
 
 	cfg, err := AgentConfig(objs, n.opts.AgentOverrides)
 	if err != nil {
