@@ -2,8 +2,8 @@ package workloadapi
 
 import (
 	"context"
+	"github.com/csi-agent/csi-agent/internal/testutil"
 	"net"
-	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -48,18 +48,7 @@ type agentConfig struct {
 
 // publicTempDir makes a directory other uids can traverse, for tests whose
 // children drop privileges.
-func publicTempDir(t testing.TB) string {
-	t.Helper()
-	dir, err := os.MkdirTemp("", "wlapi-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Chmod(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	return dir
-}
+func publicTempDir(t testing.TB) string { return testutil.PublicTempDir(t, "wlapi-") }
 
 func uidRule(id, uid string) rules.SVID {
 	return rules.SVID{SPIFFEID: id, Rules: []rules.Rule{{Match: map[string]string{"unix.uid": uid}}}}

@@ -43,18 +43,7 @@ type metricsAgent struct {
 
 // publicDir is a temporary directory every uid may traverse, for a caller
 // of another uid to reach the socket and run the test binary.
-func publicDir(t *testing.T) string {
-	t.Helper()
-	dir, err := os.MkdirTemp("", "csi-agent-metrics-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	if err := os.Chmod(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	return dir
-}
+func publicDir(t *testing.T) string { return testutil.PublicTempDir(t, "csi-agent-metrics-") }
 
 // startMetricsAgent runs a dev agent with its metrics on a port the kernel
 // picks, which the agent reports back: no free-port race.

@@ -289,14 +289,7 @@ func TestZeroInfoIsNotAlive(t *testing.T) {
 func TestFromConnOtherUser(t *testing.T) {
 	testutil.RequireRoot(t)
 	// uid 65534 must be able to reach both the binary and the socket.
-	dir, err := os.MkdirTemp("", "peer-test-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	if err := os.Chmod(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
+	dir := testutil.PublicTempDir(t, "peer-test-")
 	exe := filepath.Join(dir, "peer.test")
 	copyFile(t, testExe(t), exe, 0o755)
 

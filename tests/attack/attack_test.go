@@ -62,14 +62,7 @@ func startAgentWith(t *testing.T, extra string) *agent {
 // when nofile > 0.
 func startAgentLimited(t *testing.T, extra string, nofile int) *agent {
 	t.Helper()
-	dir, err := os.MkdirTemp("", "csi-agent-attack-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	if err := os.Chmod(dir, 0o755); err != nil { // other users reach the socket
-		t.Fatal(err)
-	}
+	dir := testutil.PublicTempDir(t, "csi-agent-attack-") // other users reach the socket
 	// CSI_AGENT_ATTACK_BIN runs another build, e.g. an older one side by side.
 	bin := os.Getenv("CSI_AGENT_ATTACK_BIN")
 	if bin == "" {
