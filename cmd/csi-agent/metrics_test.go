@@ -216,19 +216,7 @@ func rawClient(t *testing.T, sock string) workloadpb.SpiffeWorkloadAPIClient {
 // publicBinary is a copy of the test binary that every uid may run.
 func publicBinary(t *testing.T) string {
 	t.Helper()
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := os.ReadFile(self)
-	if err != nil {
-		t.Fatal(err)
-	}
-	exe := filepath.Join(publicDir(t), "csi-agent")
-	if err := os.WriteFile(exe, b, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	return exe
+	return testutil.CopyTestBinary(t, publicDir(t), "csi-agent")
 }
 
 // uncredentialedCaller runs exe's `csi-agent fetch jwt` as uid 65534,

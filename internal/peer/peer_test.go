@@ -290,8 +290,7 @@ func TestFromConnOtherUser(t *testing.T) {
 	testutil.RequireRoot(t)
 	// uid 65534 must be able to reach both the binary and the socket.
 	dir := testutil.PublicTempDir(t, "peer-test-")
-	exe := filepath.Join(dir, "peer.test")
-	copyFile(t, testExe(t), exe, 0o755)
+	exe := testutil.CopyTestBinary(t, dir, "peer.test")
 
 	for _, kind := range allKinds {
 		t.Run(kind.String(), func(t *testing.T) {
@@ -352,17 +351,6 @@ func TestFromConnOutsidePIDNamespace(t *testing.T) {
 	}
 	if got, want := strings.TrimSpace(line), "pid=0 outside=true"; got != want {
 		t.Fatalf("helper saw %q, want %q", got, want)
-	}
-}
-
-func copyFile(t *testing.T, src, dst string, perm os.FileMode) {
-	t.Helper()
-	b, err := os.ReadFile(src)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(dst, b, perm); err != nil {
-		t.Fatal(err)
 	}
 }
 

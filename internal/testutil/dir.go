@@ -2,6 +2,7 @@ package testutil
 
 import (
 	"os"
+	"path/filepath"
 	"testing"
 )
 
@@ -20,4 +21,23 @@ func PublicTempDir(t testing.TB, prefix string) string {
 		t.Fatal(err)
 	}
 	return dir
+}
+
+// CopyTestBinary copies the running test binary to dir/name (0755), so a
+// child of another uid can run it from a PublicTempDir.
+func CopyTestBinary(t testing.TB, dir, name string) string {
+	t.Helper()
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	exe := filepath.Join(dir, name)
+	if err := os.WriteFile(exe, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return exe
 }

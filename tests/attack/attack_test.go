@@ -80,10 +80,7 @@ func startAgentLimited(t *testing.T, extra string, nofile int) *agent {
 	}
 	// A copy of this test binary, which other users may run, plays the
 	// attackers.
-	self := filepath.Join(dir, "attacker")
-	if err := copyFile(os.Args[0], self); err != nil {
-		t.Fatal(err)
-	}
+	self := testutil.CopyTestBinary(t, dir, "attacker")
 	a := &agent{self: self, socket: filepath.Join(dir, "sockets", "agent.sock"), cg: newMemcg(t, memoryLimit), log: filepath.Join(dir, "agent.log")}
 	logf, err := os.Create(a.log)
 	if err != nil {
@@ -301,12 +298,4 @@ func TestConnectionsFitTheOpenFileLimit(t *testing.T) {
 	}
 	a.stillServes(t, "5,000 idle connections with 1,024 open files")
 	at.stop()
-}
-
-func copyFile(from, to string) error {
-	data, err := os.ReadFile(from)
-	if err != nil {
-		return err
-	}
-	return os.WriteFile(to, data, 0o755)
 }
