@@ -26,19 +26,21 @@ FUZZ_TARGETS := \
 	./internal/ca:FuzzUpstreamParse \
 	./workloadapi:FuzzSelectSecrets
 
-.PHONY: all build test unit fuzz e2e kind-e2e soak bench vet image clean
+.PHONY: all build test unit fuzz e2e cluster-e2e spire-interop kind-e2e soak bench vet image clean
 
 all: build
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/csi-agent ./cmd/csi-agent
 
-# Every test: unit and root tests, bounded fuzzing, the real-kubelet e2e.
-test: vet unit fuzz e2e
+# Every test: unit and root tests, bounded fuzzing, the real-kubelet e2e,
+# cluster mode against a real kube-apiserver, federation with a real SPIRE.
+test: vet unit fuzz e2e cluster-e2e spire-interop
 
 vet:
 	$(GO) vet ./...
 	cd tests/helm && $(GO) vet ./...
+	cd tests/spire && $(GO) vet ./...
 
 # tests/helm is its own module (Helm's dependencies stay out of the agent's).
 unit:
@@ -52,10 +54,23 @@ fuzz:
 		$(GO) test -run '^$$' -fuzz "^$$fn$$" -fuzztime $(FUZZTIME) $$pkg; \
 	done
 
-# The full suite on the current Kubernetes, then the smoke on the oldest supported one.
+# Federation with a real SPIRE (tests/spire, its own module): SPIRE is built
+# from tests/spire/tools once per version, into
+# $${XDG_CACHE_HOME:-$$HOME/.cache}/csi-agent-spire/<version>/.
+spire-interop:
+	cd tests/spire && $(GO) test -count=1 -v -timeout 45m ./...
+
+# The full suite on the current Kubernetes, then the smoke on the oldest
+# supported one, then spiffe-csi's workload manifest on the drop-in.
 e2e:
 	bash tests/e2e/run.sh
 	bash tests/e2e/run.sh --oldest
+	bash tests/e2e/run.sh --spiffe-csi
+
+# Controller replicas and node agents in cluster mode on a real
+# kube-apiserver (etcd + kube-apiserver only, ports 19443/25379; root).
+cluster-e2e:
+	bash tests/e2e/cluster/run.sh
 
 kind-e2e:
 	bash tests/kind-e2e.sh

@@ -11,18 +11,20 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/csi-agent/csi-agent/internal/rules"
 	"github.com/csi-agent/csi-agent/internal/svidcache"
 )
 
-// FetchX509Bundles streams the X.509 bundles of our and federated trust
-// domains, sending only when they change.
+// FetchX509Bundles streams the X.509 bundles of our trust domain and of
+// those the caller's SVIDs federate with, sending only when they change.
 func (s *Server) FetchX509Bundles(_ *workloadpb.X509BundlesRequest, stream grpc.ServerStreamingServer[workloadpb.X509BundlesResponse]) error {
 	return s.streamBundles(stream.Context(), s.x509Bundles, func(b map[string][]byte) error {
 		return stream.Send(&workloadpb.X509BundlesResponse{Bundles: b})
 	})
 }
 
-// FetchJWTBundles streams the JWKS of our and federated trust domains.
+// FetchJWTBundles streams the JWKS of our trust domain and of those the
+// caller's SVIDs federate with.
 func (s *Server) FetchJWTBundles(_ *workloadpb.JWTBundlesRequest, stream grpc.ServerStreamingServer[workloadpb.JWTBundlesResponse]) error {
 	return s.streamBundles(stream.Context(), s.jwtBundles, func(b map[string][]byte) error {
 		return stream.Send(&workloadpb.JWTBundlesResponse{Bundles: b})
@@ -32,7 +34,7 @@ func (s *Server) FetchJWTBundles(_ *workloadpb.JWTBundlesRequest, stream grpc.Se
 // streamBundles sends the bundles at once and again whenever they change,
 // until the client goes away or is no longer entitled. SVID renewals do not
 // concern it: its subscription watches none.
-func (s *Server) streamBundles(ctx context.Context, build func() (map[string][]byte, error), send func(map[string][]byte) error) error {
+func (s *Server) streamBundles(ctx context.Context, build func([]rules.Identity) (map[string][]byte, error), send func(map[string][]byte) error) error {
 	sub := s.svids.Subscribe()
 	defer sub.Close()
 	var last map[string][]byte
@@ -44,10 +46,11 @@ func (s *Server) streamBundles(ctx context.Context, build func() (map[string][]b
 		if err != nil {
 			return err
 		}
-		if _, err := s.entitled(c); err != nil {
+		ids, err := s.entitled(c)
+		if err != nil {
 			return err
 		}
-		bundles, err := build()
+		bundles, err := build(ids)
 		if err != nil {
 			return status.Errorf(codes.Internal, "encode bundles: %v", err)
 		}
@@ -81,9 +84,10 @@ func (s *Server) nextChange(sub *svidcache.Subscription) (wait func(ctx context.
 	}
 }
 
-// x509Bundles holds the DER certificates of each trust domain's X.509 authorities.
-func (s *Server) x509Bundles() (map[string][]byte, error) {
-	bundles := s.federatedX509()
+// x509Bundles holds the DER certificates of each trust domain's X.509
+// authorities: ours and those the holder of ids federates with.
+func (s *Server) x509Bundles(ids []rules.Identity) (map[string][]byte, error) {
+	bundles := s.federatedX509(ids)
 	if bundles == nil {
 		bundles = map[string][]byte{}
 	}
@@ -92,8 +96,9 @@ func (s *Server) x509Bundles() (map[string][]byte, error) {
 }
 
 // jwtBundles marshals each trust domain's JWT authorities as a JWKS (keys
-// with kid and use "jwt-svid", no X.509 authorities).
-func (s *Server) jwtBundles() (map[string][]byte, error) {
+// with kid and use "jwt-svid", no X.509 authorities): ours and those the
+// holder of ids federates with.
+func (s *Server) jwtBundles(ids []rules.Identity) (map[string][]byte, error) {
 	out := map[string][]byte{}
 	add := func(b *spiffebundle.Bundle) error {
 		jb := spiffebundle.FromJWTAuthorities(b.TrustDomain(), b.JWTAuthorities())
@@ -107,7 +112,7 @@ func (s *Server) jwtBundles() (map[string][]byte, error) {
 	if err := add(s.bundle.Bundle()); err != nil {
 		return nil, err
 	}
-	for _, b := range s.federated() {
+	for _, b := range s.federatedFor(ids) {
 		if err := add(b); err != nil {
 			return nil, err
 		}
@@ -129,8 +134,33 @@ func (s *Server) federated() map[spiffeid.TrustDomain]*spiffebundle.Bundle {
 	return s.fed.Bundles()
 }
 
-func (s *Server) federatedX509() map[string][]byte {
-	fed := s.federated()
+// federatedFor returns the federated bundles the holder of ids receives:
+// those of the trust domains one of its SVIDs federates with, as SPIRE
+// does. An SVID that names none federates with nothing: a new federation
+// must not widen every workload's trust.
+func (s *Server) federatedFor(ids []rules.Identity) map[spiffeid.TrustDomain]*spiffebundle.Bundle {
+	var out map[spiffeid.TrustDomain]*spiffebundle.Bundle
+	var all map[spiffeid.TrustDomain]*spiffebundle.Bundle
+	for _, id := range ids {
+		for _, td := range id.FederatesWith {
+			if all == nil {
+				if all = s.federated(); len(all) == 0 {
+					return nil
+				}
+			}
+			if b, ok := all[td]; ok {
+				if out == nil {
+					out = map[spiffeid.TrustDomain]*spiffebundle.Bundle{}
+				}
+				out[td] = b
+			}
+		}
+	}
+	return out
+}
+
+func (s *Server) federatedX509(ids []rules.Identity) map[string][]byte {
+	fed := s.federatedFor(ids)
 	if len(fed) == 0 {
 		return nil
 	}

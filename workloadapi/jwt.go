@@ -13,6 +13,7 @@ import (
 	"google.golang.org/protobuf/types/known/structpb"
 	"k8s.io/klog/v2"
 
+	"github.com/csi-agent/csi-agent/internal/rules"
 	"github.com/csi-agent/csi-agent/internal/svidcache"
 )
 
@@ -103,10 +104,13 @@ func (s *Server) ValidateJWTSVID(ctx context.Context, req *workloadpb.ValidateJW
 	if req.Svid == "" {
 		return nil, status.Error(codes.InvalidArgument, "svid must be specified")
 	}
-	if _, err := s.attest(ctx); err != nil {
+	c, err := s.attest(ctx)
+	if err != nil {
 		return nil, err
 	}
-	svid, err := jwtsvid.ParseAndValidate(req.Svid, s.jwtSource(), []string{req.Audience})
+	// As SPIRE does: only the federated bundles the caller receives, so
+	// that what it cannot fetch it cannot validate against either.
+	svid, err := jwtsvid.ParseAndValidate(req.Svid, s.jwtSource(s.rules.Load().Evaluate(c.attrs)), []string{req.Audience})
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "invalid JWT-SVID: %v", err)
 	}
@@ -123,10 +127,10 @@ func (s *Server) ValidateJWTSVID(ctx context.Context, req *workloadpb.ValidateJW
 	return &workloadpb.ValidateJWTSVIDResponse{SpiffeId: svid.ID.String(), Claims: claims}, nil
 }
 
-// jwtSource serves our bundle and the federated ones for validation.
-func (s *Server) jwtSource() jwtbundle.Source {
+// jwtSource serves our bundle and the federated ones of ids for validation.
+func (s *Server) jwtSource(ids []rules.Identity) jwtbundle.Source {
 	set := jwtbundle.NewSet(s.bundle.Bundle().JWTBundle())
-	for _, b := range s.federated() {
+	for _, b := range s.federatedFor(ids) {
 		set.Add(b.JWTBundle())
 	}
 	return set

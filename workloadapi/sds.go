@@ -231,7 +231,7 @@ func (s *Server) attestEntitled(ctx context.Context) (caller, []rules.Identity, 
 // node reads, minting the SVIDs among them. Before it reads those it makes
 // sub, if not nil, watch them, and reads them through it.
 func (s *Server) secrets(ctx context.Context, c caller, names []string, node *corev3.Node, ids []rules.Identity, sub *svidcache.Subscription) ([]*anypb.Any, error) {
-	fed := s.federated()
+	fed := s.federatedFor(ids) // and so ALL, and a trust domain by name
 	picks, err := selectSecrets(names, ids, s.td, slices.Collect(maps.Keys(fed)))
 	if err != nil {
 		return nil, err

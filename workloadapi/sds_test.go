@@ -140,7 +140,7 @@ func startSDSAgent(t *testing.T) sdsFixture {
 	file := filepath.Join(t.TempDir(), "other.json")
 	writeBundle(t, other, file)
 	a := startAgent(t, agentConfig{
-		svids:      []rules.SVID{uidRule("/first", selfUID()), uidRule("/second", selfUID())},
+		svids:      federating([]rules.SVID{uidRule("/first", selfUID()), uidRule("/second", selfUID())}, "other.org"),
 		federation: []federation.Source{{TrustDomain: "other.org", Path: file}},
 	})
 	otherTD := spiffeid.RequireTrustDomainFromString("other.org")

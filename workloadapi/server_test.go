@@ -422,7 +422,7 @@ func TestFederatedBundles(t *testing.T) {
 	other := startAgent(t, agentConfig{td: "other.org", svids: defaultSVIDs()})
 	file := filepath.Join(t.TempDir(), "other.json")
 	writeBundle(t, other, file)
-	a := startAgent(t, agentConfig{svids: defaultSVIDs(), federation: []federation.Source{{TrustDomain: "other.org", Path: file}}})
+	a := startAgent(t, agentConfig{svids: federating(defaultSVIDs(), "other.org"), federation: []federation.Source{{TrustDomain: "other.org", Path: file}}})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 

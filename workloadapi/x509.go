@@ -122,7 +122,7 @@ func (s *Server) x509Response(ctx context.Context, ids []rules.Identity, fetch x
 		iss.minted = minted
 		issued = append(issued, iss)
 	}
-	resp.FederatedBundles = s.federatedX509()
+	resp.FederatedBundles = s.federatedX509(ids)
 	return resp, issued, nil
 }
 

@@ -21,6 +21,7 @@ import (
 	unixattestor "github.com/csi-agent/csi-agent/attestor/unix"
 	"github.com/csi-agent/csi-agent/csi"
 	"github.com/csi-agent/csi-agent/internal/ca"
+	"github.com/csi-agent/csi-agent/internal/clusterca"
 	"github.com/csi-agent/csi-agent/internal/config"
 	"github.com/csi-agent/csi-agent/internal/federation"
 	"github.com/csi-agent/csi-agent/internal/fsutil"
@@ -28,6 +29,7 @@ import (
 	"github.com/csi-agent/csi-agent/internal/peer"
 	"github.com/csi-agent/csi-agent/internal/records"
 	"github.com/csi-agent/csi-agent/internal/rules"
+	"github.com/csi-agent/csi-agent/internal/socketalias"
 	"github.com/csi-agent/csi-agent/internal/svidcache"
 	"github.com/csi-agent/csi-agent/internal/unixsock"
 	"github.com/csi-agent/csi-agent/workloadapi"
@@ -72,10 +74,6 @@ func runAgentConfig(ctx context.Context, cfg config.Config, opts agentOptions) e
 	if err != nil {
 		return fmt.Errorf("config: %w", err)
 	}
-	fed, err := federation.New(cfg.Federation, federation.Options{OwnTrustDomain: td})
-	if err != nil {
-		return fmt.Errorf("config: %w", err)
-	}
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("create state dir: %w", err)
 	}
@@ -88,6 +86,14 @@ func runAgentConfig(ctx context.Context, cfg config.Config, opts agentOptions) e
 	}
 	defer stateLock.Close()
 	m := metrics.New(opts.version)
+	// After the lock: bundle endpoints' last good bundles are kept in the state dir.
+	fedOpts := cfg.FederationOptions(td)
+	fedOpts.Observe = m.FederationFetches()
+	fed, err := federation.New(cfg.Federation, fedOpts)
+	if err != nil {
+		return fmt.Errorf("config: %w", err)
+	}
+	m.WatchFederation(fed.Failing)
 	var metricsLn net.Listener
 	if cfg.Metrics.Addr != "" {
 		// Opened first: a taken address stops the start.
@@ -99,12 +105,27 @@ func runAgentConfig(ctx context.Context, cfg config.Config, opts agentOptions) e
 			opts.metricsListening(metricsLn.Addr())
 		}
 	}
-	auth, err := ca.New(ctx, cfg.CAOptions(td))
+	caOpts := cfg.CAOptions(td)
+	var clusterCA *clusterca.Client // cluster mode's API server client
+	if caOpts.Cluster != nil {
+		if clusterCA, err = newClusterCA(cfg, td); err != nil {
+			return err
+		}
+		caOpts.Cluster.Signer, caOpts.Cluster.Trust = clusterCA, clusterCA
+	}
+	auth, err := ca.New(ctx, caOpts)
 	if err != nil {
 		return fmt.Errorf("start CA: %w", err)
 	}
 	m.WatchExpiry(auth.Expiry)
 	cache := svidcache.New(auth, svidcache.Options{Minted: m.Minted})
+	serveBundle, closeBundle, err := listenBundleEndpoint(cfg, td, auth, cache)
+	if err != nil {
+		return err
+	}
+	if closeBundle != nil {
+		defer closeBundle()
+	}
 
 	var recs *records.Store
 	if cfg.CSI.Socket != "" || cfg.KubernetesEnabled() {
@@ -156,7 +177,11 @@ func runAgentConfig(ctx context.Context, cfg config.Config, opts agentOptions) e
 	// mount with nothing in it, so the CSI plugin is not ready meanwhile.
 	var socketUp atomic.Bool
 	socketUp.Store(true)
-	gs, health := workloadapi.NewGRPCServer(wl, grpcLimits(cfg.WorkloadAPI.Limits))
+	limits := grpcLimits(cfg.WorkloadAPI.Limits)
+	// Connections refused at the handshake count as denials, by limit.
+	limits.Connections.Refused = func(reason string, _ peer.Info, _ error) { m.Denied(reason) }
+	gs, health := workloadapi.NewGRPCServer(wl, limits)
+	health.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING) // until the CA is ready
 
 	var (
 		driver     *csi.Driver
@@ -178,12 +203,27 @@ func runAgentConfig(ctx context.Context, cfg config.Config, opts agentOptions) e
 		}
 	}
 
+	// SPIRE's other names of the socket; made last, so no early return
+	// leaves them behind.
+	aliases, err := socketalias.New(socketalias.Options{Dir: cfg.WorkloadAPI.SocketDir, Target: cfg.WorkloadAPI.SocketName,
+		Names: cfg.WorkloadAPI.SocketAliases, Poll: socketPoll})
+	if err != nil {
+		lis.Close()
+		return fmt.Errorf("workload API socket: %w", err)
+	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return auth.Run(ctx) })
+	if clusterCA != nil {
+		g.Go(func() error { return clusterCA.Run(ctx) })
+	}
 	g.Go(func() error { return cache.Run(ctx) })
 	g.Go(func() error { return fed.Run(ctx) })
+	if serveBundle != nil {
+		g.Go(func() error { return serveBundle(ctx) })
+	}
+	g.Go(func() error { return aliases.Run(ctx) })
 	g.Go(func() error {
 		// Stop answering before the server stops, so probes see it first.
 		serving, stop := context.WithCancel(context.Background())
@@ -239,13 +279,23 @@ func runAgentConfig(ctx context.Context, cfg config.Config, opts agentOptions) e
 		}
 	}
 	if metricsLn != nil {
-		h := m.Handler(readiness(wl.Ready, socketUp.Load, auth.Expiry, registered.Load, driver != nil && cfg.RegistrationEnabled())...)
+		h := m.Handler(readiness(wl.Ready, socketUp.Load, auth.Ready, registered.Load, driver != nil && cfg.RegistrationEnabled())...)
 		g.Go(func() error { return metrics.Serve(ctx, metricsLn, h) })
 	}
 	if opts.reload != nil {
 		g.Go(func() error { return reloadOnHUP(ctx, hup, td, len(cfg.SVIDs) > 0, wl.SetRules, opts.reload) })
 	}
 
+	if err := auth.Ready(); err != nil {
+		// Cluster mode: not ready before the cluster certified this node.
+		klog.InfoS("Waiting for the CA to be ready", "reason", err.Error(), "ca_mode", cfg.CAMode())
+		if auth.WaitReady(ctx) != nil {
+			if err := g.Wait(); err != nil && !errors.Is(err, context.Canceled) {
+				return err
+			}
+			return nil
+		}
+	}
 	wl.SetReady(true)
 	health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	klog.InfoS("Agent started", "version", opts.version, "trust_domain", td.String(),
@@ -266,7 +316,7 @@ func runAgentConfig(ctx context.Context, cfg config.Config, opts agentOptions) e
 // readiness lists what /readyz checks: the Workload API serves on its
 // socket, the CA and the intermediate are valid and, with registration
 // on, the kubelet registered the CSI driver.
-func readiness(serving, socketUp func() bool, expiry func() (ca, intermediate time.Time), registered func() bool, withCSI bool) []metrics.Check {
+func readiness(serving, socketUp func() bool, caReady func() error, registered func() bool, withCSI bool) []metrics.Check {
 	checks := []metrics.Check{
 		{Name: "workload-api", Ready: func() error {
 			switch {
@@ -277,17 +327,7 @@ func readiness(serving, socketUp func() bool, expiry func() (ca, intermediate ti
 			}
 			return nil
 		}},
-		{Name: "ca", Ready: func() error {
-			now := time.Now()
-			root, inter := expiry()
-			switch {
-			case !now.Before(root):
-				return fmt.Errorf("CA expired at %s", root.UTC().Format(time.RFC3339))
-			case !now.Before(inter):
-				return fmt.Errorf("intermediate expired at %s", inter.UTC().Format(time.RFC3339))
-			}
-			return nil
-		}},
+		{Name: "ca", Ready: caReady},
 	}
 	if withCSI {
 		checks = append(checks, metrics.Check{Name: "csi-registration", Ready: func() error {

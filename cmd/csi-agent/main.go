@@ -24,6 +24,7 @@ const usageText = `csi-agent: CSI node plugin and attesting SPIFFE Workload API 
 
 Usage:
   csi-agent run [flags]                 run the agent (csi-agent run -h for flags)
+  csi-agent controller [flags]          run the cluster controller (csi-agent controller -h for flags)
   csi-agent fetch x509|jwt|bundles      fetch from the Workload API (built-in client)
   csi-agent validate-jwt                validate a JWT-SVID through the Workload API
   csi-agent healthcheck                 exit 0 when the Workload API socket serves
@@ -45,6 +46,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "run":
 		err = runAgent(ctx, args[1:], stderr)
+	case "controller":
+		err = runController(ctx, args[1:], stderr)
 	case "fetch":
 		err = fetch(ctx, args[1:], stdout, stderr)
 	case "validate-jwt":

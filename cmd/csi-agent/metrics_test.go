@@ -47,7 +47,7 @@ func publicDir(t *testing.T) string { return testutil.PublicTempDir(t, "csi-agen
 
 // startMetricsAgent runs a dev agent with its metrics on a port the kernel
 // picks, which the agent reports back: no free-port race.
-func startMetricsAgent(t *testing.T) metricsAgent {
+func startMetricsAgent(t *testing.T, tweaks ...func(*config.Config)) metricsAgent {
 	t.Helper()
 	dir := t.TempDir()
 	cfg, err := config.FromArgs([]string{"--dev", "--state-dir", filepath.Join(dir, "state"),
@@ -55,6 +55,9 @@ func startMetricsAgent(t *testing.T) metricsAgent {
 		func(string) string { return "" }, io.Discard)
 	if err != nil {
 		t.Fatal(err)
+	}
+	for _, tweak := range tweaks {
+		tweak(&cfg)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	addr := make(chan net.Addr, 1)
@@ -399,7 +402,8 @@ var labelValues = map[string]map[string]bool{
 	"reason": {"missing_security_header": true, "not_ready": true, "connection_revoked": true,
 		"outside_pid_namespace": true, "attestation_unavailable": true, "attestation_failed": true,
 		"credentials_changed": true, "caller_exited": true, "no_matching_rule": true, "not_entitled": true,
-		"invalid_request": true, "denied_call_budget": true, "caller_stream_limit": true, "stream_limit": true},
+		"invalid_request": true, "denied_call_budget": true, "caller_stream_limit": true, "stream_limit": true,
+		"connection_limit": true, "caller_connection_limit": true, "unattested_connection_limit": true},
 }
 
 func TestMetricsAndHealthEndpoints(t *testing.T) {

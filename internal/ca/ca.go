@@ -23,8 +23,16 @@
 // they hold a new valid pair, issues from it at once (see reload.go); the
 // previous CA and JWT key stay in the bundle while what they signed lives.
 //
+// Cluster mode (cluster.go): a controller holds the root. The agent makes
+// its intermediate key and its JWT-SVID key on the node, has them certified
+// through a ClusterSigner (Kubernetes CSRs), renews both at half life with
+// new keys, and serves the bundle a TrustSource publishes. Until the first
+// intermediate and bundle arrive it is not Ready; a restart serves on what
+// it persisted; once the intermediate expires unrenewed, minting fails.
+//
 // JWT-SVIDs are signed with one ES256 key: fixed when self-managed, replaced
-// with the upstream key in upstream mode.
+// with the upstream key in upstream mode, this node's published key in
+// cluster mode.
 package ca
 
 import (
@@ -83,6 +91,14 @@ type Options struct {
 	UpstreamCertFile string
 	UpstreamKeyFile  string
 
+	// Cluster, set, selects cluster mode (see cluster.go): the intermediate
+	// and the JWT-SVID key are made in StateDir and certified by the
+	// cluster, the bundle is what the cluster publishes.
+	Cluster *ClusterOptions
+
+	// JWTIssuer, when set, is the iss claim of every JWT-SVID.
+	JWTIssuer string
+
 	// Lifetimes (required; internal/config owns the defaults). The
 	// intermediate is rotated at half life.
 	X509SVIDTTL     time.Duration
@@ -101,8 +117,10 @@ type Authority struct {
 	interTTL time.Duration
 
 	// Immutable after New.
-	statePath string         // "" in upstream mode
+	statePath string         // "" in upstream and cluster mode
 	upstream  *upstreamFiles // nil in self-managed mode
+	cluster   *clusterState  // nil unless cluster mode
+	jwtIssuer string
 
 	mu      sync.RWMutex
 	root    *signingCA    // signs intermediates: self-managed root or upstream CA
@@ -155,6 +173,8 @@ func New(ctx context.Context, opts Options) (*Authority, error) {
 		jwtTTL:   opts.JWTSVIDTTL,
 		interTTL: opts.IntermediateTTL,
 		changed:  make(chan struct{}),
+
+		jwtIssuer: opts.JWTIssuer,
 	}
 	if a.clock == nil {
 		a.clock = clock.RealClock{}
@@ -183,6 +203,14 @@ func New(ctx context.Context, opts Options) (*Authority, error) {
 
 	now := a.now()
 	switch {
+	case opts.Cluster != nil:
+		// Nothing from the cluster yet: Run asks for it, Ready tells when.
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		if err := a.newCluster(opts, now); err != nil {
+			return nil, err
+		}
+		return a, nil
 	case opts.UpstreamCertFile != "" && opts.UpstreamKeyFile != "":
 		u := &upstreamFiles{certFile: opts.UpstreamCertFile, keyFile: opts.UpstreamKeyFile}
 		up, err := u.load(a.td, now)
@@ -260,6 +288,9 @@ func (a *Authority) Changed() <-chan struct{} {
 // a stalled Run never lets a leaf chain to an expired intermediate. It
 // returns nil once ctx is done.
 func (a *Authority) Run(ctx context.Context) error {
+	if a.cluster != nil {
+		return a.runCluster(ctx)
+	}
 	for {
 		a.mu.RLock()
 		// Timers count elapsed time; the schedule is in wall time. Waking at
@@ -312,6 +343,16 @@ func (a *Authority) notYetValidLocked(now time.Time) bool {
 // currentIntermediate returns the intermediate to sign leaves with, rotating
 // first when it is due.
 func (a *Authority) currentIntermediate(now time.Time) (*signingCA, error) {
+	if a.cluster != nil {
+		// Renewal is Run's: the cluster answers in its own time.
+		a.mu.RLock()
+		inter := a.inter
+		a.mu.RUnlock()
+		if inter != nil && now.Before(inter.cert.NotBefore) {
+			return nil, fmt.Errorf("ca: node intermediate is not valid before %s", rfc3339(inter.cert.NotBefore))
+		}
+		return checkUsable(inter, now)
+	}
 	a.mu.RLock()
 	inter, due := a.inter, !now.Before(a.nextCheck) || a.notYetValidLocked(now)
 	a.mu.RUnlock()
@@ -323,6 +364,11 @@ func (a *Authority) currentIntermediate(now time.Time) (*signingCA, error) {
 		inter = a.inter
 		a.mu.Unlock()
 	}
+	return checkUsable(inter, now)
+}
+
+// checkUsable returns inter when it can sign at now.
+func checkUsable(inter *signingCA, now time.Time) (*signingCA, error) {
 	if inter == nil {
 		return nil, errors.New("ca: no signing intermediate")
 	}

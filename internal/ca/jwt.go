@@ -33,17 +33,28 @@ func (a *Authority) MintJWTSVID(ctx context.Context, id spiffeid.ID, audience []
 		return "", time.Time{}, err
 	}
 	now := a.now()
-	exp := jwt.NewNumericDate(now.Add(a.jwtTTL))
+	expires := now.Add(a.jwtTTL)
+	a.mu.RLock()
+	signer := a.jwtSigner
+	if a.cluster != nil {
+		var k heldJWTKey
+		k, err = a.signingJWTKeyLocked(now)
+		// No token outlives its key's place in the published JWKS.
+		signer, expires = k.signer, earlier(expires, k.notAfter)
+	}
+	a.mu.RUnlock()
+	if err != nil {
+		return "", time.Time{}, err
+	}
+	exp := jwt.NewNumericDate(expires)
 	claims := jwt.Claims{
+		Issuer:   a.jwtIssuer,
 		Subject:  id.String(),
 		Audience: jwt.Audience(audience),
 		Expiry:   exp,
 		IssuedAt: jwt.NewNumericDate(now),
 		ID:       jti,
 	}
-	a.mu.RLock()
-	signer := a.jwtSigner
-	a.mu.RUnlock()
 	token, err := jwt.Signed(signer).Claims(claims).Serialize()
 	if err != nil {
 		return "", time.Time{}, fmt.Errorf("ca: sign JWT-SVID for %s: %w", id, err)

@@ -162,23 +162,12 @@ func parseState(data []byte, td spiffeid.TrustDomain, now time.Time) (*state, er
 		certs           []*x509.Certificate
 		rootKey, jwtKey *ecdsa.PrivateKey
 	)
-	rest := data
-	n := 0
-	for {
-		// pem.Decode skips text before a block; stray bytes mean corruption here.
-		rest = bytes.TrimLeft(rest, " \t\r\n")
-		if len(rest) == 0 {
-			break
-		}
-		if !bytes.HasPrefix(rest, []byte("-----BEGIN ")) {
-			return nil, fmt.Errorf("unexpected data after PEM block %d (truncated or corrupted)", n)
-		}
-		var b *pem.Block
-		b, rest = pem.Decode(rest)
-		if b == nil {
-			return nil, fmt.Errorf("PEM block %d is malformed (truncated or corrupted)", n+1)
-		}
-		n++
+	blocks, err := decodePEM(data)
+	if err != nil {
+		return nil, err
+	}
+	for i, b := range blocks {
+		n := i + 1
 		switch b.Type {
 		case "CERTIFICATE":
 			if len(b.Headers) != 0 {
@@ -236,6 +225,28 @@ func parseState(data []byte, td spiffeid.TrustDomain, now time.Time) (*state, er
 		}
 	}
 	return st, nil
+}
+
+// decodePEM returns every PEM block of data. pem.Decode skips text before
+// a block; in our own files stray bytes mean corruption.
+func decodePEM(data []byte) ([]*pem.Block, error) {
+	var blocks []*pem.Block
+	rest := data
+	for {
+		rest = bytes.TrimLeft(rest, " \t\r\n")
+		if len(rest) == 0 {
+			return blocks, nil
+		}
+		if !bytes.HasPrefix(rest, []byte("-----BEGIN ")) {
+			return nil, fmt.Errorf("unexpected data after PEM block %d (truncated or corrupted)", len(blocks))
+		}
+		var b *pem.Block
+		b, rest = pem.Decode(rest)
+		if b == nil {
+			return nil, fmt.Errorf("PEM block %d is malformed (truncated or corrupted)", len(blocks)+1)
+		}
+		blocks = append(blocks, b)
+	}
 }
 
 func parseP256PKCS8(der []byte) (*ecdsa.PrivateKey, error) {

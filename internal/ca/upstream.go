@@ -76,7 +76,7 @@ func contentSum(certPEM, keyPEM []byte) [sha256.Size]byte {
 // anchor of the bundle.
 func (u *upstreamFiles) parse(certPEM, keyPEM []byte, td spiffeid.TrustDomain, now time.Time) (*signingCA, error) {
 	certFile, keyFile := u.certFile, u.keyFile
-	certs, err := parseCertificatesPEM(certPEM)
+	certs, err := ParseCertificatesPEM(certPEM)
 	if err != nil {
 		return nil, fmt.Errorf("ca: upstream certificate %s: %w", certFile, err)
 	}
@@ -125,8 +125,9 @@ func (u *upstreamFiles) load(td spiffeid.TrustDomain, now time.Time) (*signingCA
 	return u.parse(certPEM, keyPEM, td, now)
 }
 
-// parseCertificatesPEM parses a file of PEM certificates and nothing else.
-func parseCertificatesPEM(data []byte) ([]*x509.Certificate, error) {
+// ParseCertificatesPEM parses PEM certificates and nothing else (a CA file,
+// a ClusterTrustBundle).
+func ParseCertificatesPEM(data []byte) ([]*x509.Certificate, error) {
 	var certs []*x509.Certificate
 	for n := 1; ; n++ {
 		var b *pem.Block

@@ -232,7 +232,7 @@ func FuzzParseCertificatesPEM(f *testing.F) {
 	f.Add(append(good, good...))
 	f.Add([]byte("-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		certs, err := parseCertificatesPEM(data)
+		certs, err := ParseCertificatesPEM(data)
 		if err == nil && len(certs) == 0 {
 			t.Fatal("no certificates without error")
 		}

@@ -58,9 +58,13 @@ type Config struct {
 	CA          CA                  `json:"ca"`
 	Unix        Unix                `json:"unix"`
 	Federation  []federation.Source `json:"federation"`
-	SVIDs       []rules.SVID        `json:"svids"`
-	Metrics     Metrics             `json:"metrics"`
-	Logging     Logging             `json:"logging"`
+	// FederationRefresh and BundleEndpoint: federation.go.
+	FederationRefresh FederationRefresh `json:"federationRefresh"`
+	BundleEndpoint    BundleEndpoint    `json:"bundleEndpoint"`
+	SVIDs             []rules.SVID      `json:"svids"`
+	Metrics           Metrics           `json:"metrics"`
+	Logging           Logging           `json:"logging"`
+	Controller        Controller        `json:"controller"`
 
 	// Dev is set by --dev only: temp dirs, CSI off, a rule for the current user.
 	Dev bool `json:"-"`
@@ -70,7 +74,10 @@ type Config struct {
 type WorkloadAPI struct {
 	SocketDir  string `json:"socketDir"`
 	SocketName string `json:"socketName"`
-	Limits     Limits `json:"limits"`
+	// SocketAliases are more names of the socket in SocketDir (symbolic
+	// links to SocketName), as SPIRE's chart offers: socket, api.sock.
+	SocketAliases []string `json:"socketAliases"`
+	Limits        Limits   `json:"limits"`
 }
 
 // Limits bound what callers of the Workload API socket can make the agent
@@ -162,10 +169,16 @@ const (
 
 // CA configures the issuing authority.
 type CA struct {
+	// Mode is selfManaged, upstream or cluster; empty: upstream when the
+	// upstream files are set, else selfManaged (cluster.go).
+	Mode             string   `json:"mode"`
 	UpstreamCertFile string   `json:"upstreamCertFile"`
 	UpstreamKeyFile  string   `json:"upstreamKeyFile"`
 	X509SVIDTTL      Duration `json:"x509SVIDTTL"`
 	JWTSVIDTTL       Duration `json:"jwtSVIDTTL"`
+	// JWTIssuer, when set, is the iss claim of JWT-SVIDs.
+	JWTIssuer string    `json:"jwtIssuer"`
+	Cluster   ClusterCA `json:"cluster"`
 }
 
 // Unix configures Unix attestation.
@@ -225,7 +238,7 @@ func Default() Config {
 			Kubelet:     Kubelet{Port: DefaultKubeletPort, TokenFile: DefaultTokenFile, CAFile: DefaultKubeletCAFile},
 			RetryBudget: Duration(DefaultRetryBudget),
 		},
-		CA:      CA{X509SVIDTTL: Duration(DefaultX509SVIDTTL), JWTSVIDTTL: Duration(DefaultJWTSVIDTTL)},
+		CA:      CA{X509SVIDTTL: Duration(DefaultX509SVIDTTL), JWTSVIDTTL: Duration(DefaultJWTSVIDTTL), Cluster: DefaultClusterCA()},
 		Unix:    Unix{MaxBinarySize: DefaultMaxBinarySize, PasswdFile: DefaultPasswdFile, GroupFile: DefaultGroupFile},
 		Logging: Logging{Format: LogFormatText},
 	}
@@ -456,6 +469,9 @@ func (c *Config) Validate() error {
 	if name == "" || strings.ContainsRune(name, '/') || name == "." || name == ".." {
 		return fmt.Errorf("workloadAPI.socketName: must be a plain file name, got %q", name)
 	}
+	if err := c.WorkloadAPI.validateAliases(); err != nil {
+		return err
+	}
 	if err := c.WorkloadAPI.Limits.validate(); err != nil {
 		return err
 	}
@@ -533,6 +549,15 @@ func (c *Config) Validate() error {
 	}
 	if (c.CA.UpstreamCertFile == "") != (c.CA.UpstreamKeyFile == "") {
 		return errors.New("ca.upstreamCertFile: upstreamCertFile and upstreamKeyFile go together")
+	}
+	if err := c.validateCA(); err != nil {
+		return err
+	}
+	if err := c.Controller.validate(); err != nil {
+		return err
+	}
+	if err := c.validateFederation(); err != nil {
+		return err
 	}
 	for _, ttl := range []struct {
 		field    string
@@ -620,6 +645,25 @@ func (l Limits) validate() error {
 		return fmt.Errorf("workloadAPI.limits.idleTimeout: must be at least 1s, got %s", time.Duration(l.IdleTimeout))
 	case l.HandshakeTimeout < Duration(100*time.Millisecond):
 		return fmt.Errorf("workloadAPI.limits.handshakeTimeout: must be at least 100ms, got %s", time.Duration(l.HandshakeTimeout))
+	}
+	return nil
+}
+
+// validateAliases: each alias a plain file name, other than the socket's
+// and the others, whose path fits a Unix socket address.
+func (w WorkloadAPI) validateAliases() error {
+	seen := map[string]bool{w.SocketName: true}
+	for i, a := range w.SocketAliases {
+		field := fmt.Sprintf("workloadAPI.socketAliases[%d]", i)
+		switch {
+		case a == "" || strings.ContainsRune(a, '/') || a == "." || a == ".." || strings.HasPrefix(a, "."):
+			return fmt.Errorf("%s: must be a plain file name not starting with a dot, got %q", field, a)
+		case seen[a]:
+			return fmt.Errorf("%s: %q is the socket's name or another alias", field, a)
+		case len(filepath.Join(w.SocketDir, a)) > 107:
+			return fmt.Errorf("%s: path is %d bytes, Unix sockets allow 107", field, len(filepath.Join(w.SocketDir, a)))
+		}
+		seen[a] = true
 	}
 	return nil
 }

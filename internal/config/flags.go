@@ -44,6 +44,9 @@ func FromArgs(args []string, getenv func(string) string, usage io.Writer, extra 
 	str("node-name", "this node's name (default $"+DefaultNodeNameEnv+")", func(c *Config, v string) { c.NodeName = v })
 	str("workload-api-socket-dir", "directory of the Workload API socket; bind-mounted into pods (default "+DefaultSocketDir+")", func(c *Config, v string) { c.WorkloadAPI.SocketDir = v })
 	str("workload-api-socket-name", "Workload API socket file name (default "+DefaultSocketName+")", func(c *Config, v string) { c.WorkloadAPI.SocketName = v })
+	str("workload-api-socket-aliases", "more names of the Workload API socket, comma-separated (symbolic links in its directory)", func(c *Config, v string) {
+		c.WorkloadAPI.SocketAliases = strings.FieldsFunc(v, func(r rune) bool { return r == ',' })
+	})
 	str("csi-socket", "CSI endpoint socket; empty turns the CSI node plugin off", func(c *Config, v string) { c.CSI.Socket = v })
 	str("driver-name", "CSI driver name (default "+DefaultDriverName+")", func(c *Config, v string) { c.CSI.DriverName = v })
 	str("kubelet-root-dir", "kubelet root directory (default "+DefaultKubeletRootDir+")", func(c *Config, v string) { c.CSI.KubeletRootDir = v })
@@ -58,6 +61,7 @@ func FromArgs(args []string, getenv func(string) string, usage io.Writer, extra 
 	boolean("kubelet-insecure-skip-verify", "do not verify the kubelet's serving certificate", func(c *Config, v bool) { c.Kubernetes.Kubelet.InsecureSkipVerify = v })
 	boolean("kubelet-send-token-unverified", "with --kubelet-insecure-skip-verify: send the token all the same", func(c *Config, v bool) { c.Kubernetes.Kubelet.SendTokenUnverified = v })
 	boolean("kubernetes", "Kubernetes workload attestation (default: on when CSI is on)", func(c *Config, v bool) { c.Kubernetes.Enabled = &v })
+	str("ca-mode", "CA mode: selfManaged, upstream or cluster (default: upstream when --upstream-ca-cert is set, else selfManaged)", func(c *Config, v string) { c.CA.Mode = v })
 	str("upstream-ca-cert", "upstream CA certificate (PEM); with --upstream-ca-key, agents share one trust anchor", func(c *Config, v string) { c.CA.UpstreamCertFile = v })
 	str("upstream-ca-key", "upstream CA private key (PEM)", func(c *Config, v string) { c.CA.UpstreamKeyFile = v })
 	dur("x509-svid-ttl", "X.509-SVID lifetime (default 1h)", func(c *Config, v Duration) { c.CA.X509SVIDTTL = v })

@@ -47,8 +47,10 @@ func (c *Config) Rules(td spiffeid.TrustDomain) (*rules.Set, error) {
 }
 
 // CAOptions configure the issuing authority.
+// In cluster mode Cluster is set, and the wiring gives it its signer and
+// trust source.
 func (c *Config) CAOptions(td spiffeid.TrustDomain) ca.Options {
-	return ca.Options{
+	o := ca.Options{
 		TrustDomain:      td,
 		StateDir:         filepath.Join(c.StateDir, "ca"),
 		UpstreamCertFile: c.CA.UpstreamCertFile,
@@ -56,7 +58,13 @@ func (c *Config) CAOptions(td spiffeid.TrustDomain) ca.Options {
 		X509SVIDTTL:      time.Duration(c.CA.X509SVIDTTL),
 		JWTSVIDTTL:       time.Duration(c.CA.JWTSVIDTTL),
 		IntermediateTTL:  DefaultIntermediateTTL,
+		JWTIssuer:        c.CA.JWTIssuer,
 	}
+	if c.CAMode() == CAModeCluster {
+		o.IntermediateTTL = time.Duration(c.CA.Cluster.IntermediateTTL)
+		o.Cluster = &ca.ClusterOptions{NodeName: c.NodeName}
+	}
+	return o
 }
 
 // RecordsDir is where the CSI mount records are kept.

@@ -1,5 +1,7 @@
 // Package federation keeps the trust bundles of other trust domains, read
-// from files (typically a mounted ConfigMap) and reloaded when they change.
+// from files (typically a mounted ConfigMap) and reloaded when they change,
+// or fetched from their SPIFFE bundle endpoints and refreshed as their
+// refresh hint says (endpoint.go).
 package federation
 
 import (
@@ -34,13 +36,19 @@ const DefaultPollInterval = 5 * time.Second
 // most 1 MiB, so anything larger is a mistake, not a bundle.
 const maxBundleSize = 4 << 20
 
-// Source is the bundle file of one federated trust domain.
+// Source is where the bundle of one federated trust domain comes from: a
+// file, or a bundle endpoint.
 type Source struct {
 	// TrustDomain is "example.org" or "spiffe://example.org".
 	TrustDomain string `json:"trustDomain"`
-	Path        string `json:"path"`
+	// Path is the bundle file. With BundleEndpoint it is the initial
+	// bundle, read at start only; https_spiffe needs it, to authenticate
+	// the endpoint the first time.
+	Path string `json:"path,omitempty"`
 	// Format is FormatSPIFFE (the default) or FormatPEM.
 	Format string `json:"format,omitempty"`
+	// BundleEndpoint, if set, is where the bundle is fetched from.
+	BundleEndpoint *Endpoint `json:"bundleEndpoint,omitempty"`
 }
 
 // Options tune a Watcher.
@@ -52,6 +60,17 @@ type Options struct {
 	PollInterval time.Duration
 	// Clock defaults to the real clock.
 	Clock clock.Clock
+
+	// StateDir keeps the last good bundle of each bundle endpoint, so that
+	// a restart starts from it; empty: nothing is kept.
+	StateDir string
+	// MinRefresh and MaxRefresh bound how often a bundle endpoint is
+	// fetched, whatever its refresh hint; they default to DefaultMinRefresh
+	// and DefaultMaxRefresh.
+	MinRefresh, MaxRefresh time.Duration
+	// Observe, if set, is told the result of every bundle endpoint fetch:
+	// ResultOK or the reason it failed (Reason*).
+	Observe func(result string)
 }
 
 // Watcher serves the current bundles of the federated trust domains.
@@ -59,6 +78,10 @@ type Watcher struct {
 	clock    clock.Clock
 	interval time.Duration
 	files    []*file // fixed by New, in configuration order
+
+	stateDir               string
+	minRefresh, maxRefresh time.Duration
+	observe                func(string)
 
 	mu      sync.Mutex
 	changed chan struct{}
@@ -74,16 +97,29 @@ type file struct {
 	hash    [sha256.Size]byte // of the content last parsed, valid or not
 	lastErr string            // last read error logged, so each is logged once
 
-	bundle *spiffebundle.Bundle // last valid bundle; guarded by Watcher.mu
+	remote *remote // set for a bundle endpoint, whose file is only the initial bundle
+
+	// The last valid bundle (nil: none yet, a bundle endpoint not reached)
+	// and, for a bundle endpoint, whether its last fetch failed. Guarded
+	// by Watcher.mu.
+	bundle  *spiffebundle.Bundle
+	failing bool
 }
 
 // New checks the sources and loads every bundle. Errors name the offending
 // field, e.g. "federation[1].path: ...".
 func New(sources []Source, opts Options) (*Watcher, error) {
 	w := &Watcher{
-		clock:    opts.Clock,
-		interval: opts.PollInterval,
-		changed:  make(chan struct{}),
+		clock:      opts.Clock,
+		interval:   opts.PollInterval,
+		stateDir:   opts.StateDir,
+		minRefresh: opts.MinRefresh,
+		maxRefresh: opts.MaxRefresh,
+		observe:    opts.Observe,
+		changed:    make(chan struct{}),
+	}
+	if err := w.checkRefreshBounds(); err != nil {
+		return nil, err
 	}
 	if w.clock == nil {
 		w.clock = clock.RealClock{}
@@ -101,6 +137,13 @@ func New(sources []Source, opts Options) (*Watcher, error) {
 			return nil, fmt.Errorf("federation[%d].trustDomain: %q is already listed at federation[%d]", i, f.td.Name(), j)
 		}
 		seen[f.td] = i
+		if src.BundleEndpoint != nil {
+			if err := w.newRemote(f, *src.BundleEndpoint); err != nil {
+				return nil, err
+			}
+			w.files = append(w.files, f)
+			continue
+		}
 		data, err := fsutil.ReadFileLimited(f.path, maxBundleSize)
 		if err != nil {
 			return nil, fmt.Errorf("federation[%d].path: %w", i, err)
@@ -127,7 +170,7 @@ func newFile(i int, src Source, own spiffeid.TrustDomain) (*file, error) {
 	if td == own {
 		return nil, fmt.Errorf("federation[%d].trustDomain: %q is our own trust domain", i, td.Name())
 	}
-	if src.Path == "" {
+	if src.Path == "" && src.BundleEndpoint == nil {
 		return nil, fmt.Errorf("federation[%d].path: must not be empty", i)
 	}
 	format := src.Format
@@ -148,7 +191,9 @@ func (w *Watcher) Bundles() map[spiffeid.TrustDomain]*spiffebundle.Bundle {
 	defer w.mu.Unlock()
 	out := make(map[spiffeid.TrustDomain]*spiffebundle.Bundle, len(w.files))
 	for _, f := range w.files {
-		out[f.td] = f.bundle.Clone()
+		if f.bundle != nil {
+			out[f.td] = f.bundle.Clone()
+		}
 	}
 	return out
 }
@@ -161,10 +206,17 @@ func (w *Watcher) Changed() <-chan struct{} {
 	return w.changed
 }
 
-// Run polls the files until ctx is done, then returns nil. Files are read
-// through their path each time, so a ConfigMap's symlink swap is seen like
-// any other change.
+// Run polls the files and refreshes the bundle endpoints until ctx is done,
+// then returns nil. Files are read through their path each time, so a
+// ConfigMap's symlink swap is seen like any other change.
 func (w *Watcher) Run(ctx context.Context) error {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for _, f := range w.files {
+		if f.remote != nil {
+			wg.Go(func() { w.follow(ctx, f) })
+		}
+	}
 	// A timer re-armed after each poll, so slow reads never pile up.
 	timer := w.clock.NewTimer(w.interval)
 	defer timer.Stop()
@@ -184,16 +236,21 @@ func (w *Watcher) Run(ctx context.Context) error {
 func (w *Watcher) poll() {
 	changed := false
 	for _, f := range w.files {
-		if w.reload(f) {
+		if f.remote == nil && w.reload(f) {
 			changed = true
 		}
 	}
 	if changed {
 		w.mu.Lock()
-		close(w.changed)
-		w.changed = make(chan struct{})
+		w.fireLocked()
 		w.mu.Unlock()
 	}
+}
+
+// fireLocked tells Changed's callers, and arms it for the next change.
+func (w *Watcher) fireLocked() {
+	close(w.changed)
+	w.changed = make(chan struct{})
 }
 
 // reload reports whether f's bundle changed. A file that cannot be read or
@@ -251,5 +308,17 @@ func parse(td spiffeid.TrustDomain, format string, data []byte) (*spiffebundle.B
 	if len(b.X509Authorities()) == 0 && len(b.JWTAuthorities()) == 0 {
 		return nil, errors.New("bundle holds no X.509 or JWT authorities")
 	}
+	// The format does not name the trust domain, but a SPIFFE CA
+	// certificate may: one of another trust domain is a mix-up (or a
+	// mirror serving the wrong bundle), never a bundle of td.
+	for _, c := range b.X509Authorities() {
+		for _, u := range c.URIs {
+			if id, err := spiffeid.FromURI(u); err == nil && id.TrustDomain() != td {
+				return nil, fmt.Errorf("%w: an X.509 authority (serial %s) names %s", errOtherTrustDomain, c.SerialNumber, id.TrustDomain().IDString())
+			}
+		}
+	}
 	return b, nil
 }
+
+var errOtherTrustDomain = errors.New("bundle of another trust domain")

@@ -53,7 +53,7 @@ func New(version string) *Metrics {
 		}, []string{"attestor", "result"}),
 		denials: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace, Name: "workload_api_denials_total",
-			Help: "Workload API calls refused, by reason.",
+			Help: "Workload API calls refused, and connections refused at the handshake, by reason.",
 		}, []string{"reason"}),
 		svidsIssued: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace, Name: "svids_issued_total",
@@ -109,7 +109,7 @@ func (m *Metrics) Attested(attestor, result string) {
 	m.attestations.WithLabelValues(attestor, result).Inc()
 }
 
-// Denied counts one refused Workload API call.
+// Denied counts one refused Workload API call or connection.
 func (m *Metrics) Denied(reason string) { m.denials.WithLabelValues(reason).Inc() }
 
 // StreamsOpen adds delta to the open streams.

@@ -25,7 +25,21 @@ type Limits struct {
 	PerCaller int
 	// CallerKey names a connection's caller; nil means by effective uid.
 	CallerKey func(Info) string
+	// Refused, if set, is told of each connection refused at the handshake:
+	// reason is one of the Refused* constants (a fixed set, fit for a metric
+	// label), err what the handshake returned.
+	Refused func(reason string, info Info, err error)
 }
+
+// Why a connection was refused at the handshake, as Limits.Refused is told.
+const (
+	RefusedTotal      = "connection_limit"            // Total reached
+	RefusedCaller     = "caller_connection_limit"     // PerCaller reached
+	RefusedUnattested = "unattested_connection_limit" // Unproven reached, nothing to evict
+)
+
+// Refusals lists every reason Limits.Refused may be told.
+func Refusals() []string { return []string{RefusedTotal, RefusedCaller, RefusedUnattested} }
 
 // Caller names the connection's caller as Limits.CallerKey did; callers
 // admitted without Limits are named by uid.
@@ -78,6 +92,16 @@ type slot struct {
 // (or no caller holds clearly more): a flood of idle connections from some
 // callers cannot keep another caller's new connection out.
 func (a *admission) admit(info Info, closeConn func() error) (*slot, error) {
+	sl, reason, err := a.count(info, closeConn)
+	if err != nil && a.limits.Refused != nil {
+		// Outside the lock: the hook may log or count.
+		a.limits.Refused(reason, info, err)
+	}
+	return sl, err
+}
+
+// count is admit under the lock; a refusal comes with its reason.
+func (a *admission) count(info Info, closeConn func() error) (*slot, string, error) {
 	key := a.limits.CallerKey(info)
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -88,13 +112,13 @@ func (a *admission) admit(info Info, closeConn func() error) (*slot, error) {
 	}
 	switch {
 	case l.Total > 0 && a.total >= l.Total:
-		return nil, fmt.Errorf("%w: %d open, the limit", ErrTooManyConnections, a.total)
+		return nil, RefusedTotal, fmt.Errorf("%w: %d open, the limit", ErrTooManyConnections, a.total)
 	case l.PerCaller > 0 && c.open >= l.PerCaller:
-		return nil, fmt.Errorf("%w: %d open from %s, the limit", ErrTooManyConnections, c.open, key)
+		return nil, RefusedCaller, fmt.Errorf("%w: %d open from %s, the limit", ErrTooManyConnections, c.open, key)
 	case l.Unproven > 0 && a.unproven >= l.Unproven:
 		victim := a.evictableLocked(key, len(c.unproven))
 		if victim == nil {
-			return nil, fmt.Errorf("%w: %d open without an identity, the limit", ErrTooManyConnections, a.unproven)
+			return nil, RefusedUnattested, fmt.Errorf("%w: %d open without an identity, the limit", ErrTooManyConnections, a.unproven)
 		}
 		a.releaseLocked(victim)
 		go victim.close()
@@ -105,7 +129,7 @@ func (a *admission) admit(info Info, closeConn func() error) (*slot, error) {
 	a.unproven++
 	c.open++
 	c.unproven = append(c.unproven, sl)
-	return sl, nil
+	return sl, "", nil
 }
 
 // evictableLocked picks the oldest unproven connection of the caller with

@@ -5,6 +5,8 @@ import (
 	"io"
 	"net"
 	"os"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -170,5 +172,52 @@ func TestUnprovenEviction(t *testing.T) {
 	}
 	if _, err := open("fourth"); !errors.Is(err, ErrTooManyConnections) {
 		t.Fatalf("with the pool shared evenly, a new caller: %v, want refused", err)
+	}
+}
+
+// Each refusal at the handshake tells Limits.Refused once, with the limit
+// that refused it; admissions and evictions tell it nothing.
+func TestRefusedReasons(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		limits  Limits
+		callers []string // one connection each, in order
+		want    []string // reasons told, in order
+	}{
+		{"total", Limits{Total: 2}, []string{"a", "b", "c"}, []string{RefusedTotal}},
+		{"per caller", Limits{PerCaller: 1}, []string{"a", "b", "a", "a"}, []string{RefusedCaller, RefusedCaller}},
+		{"unattested", Limits{Unproven: 2}, []string{"a", "b", "c"}, []string{RefusedUnattested}},
+		// "a" holds two of three: "c" evicts one of them, no refusal.
+		{"eviction is no refusal", Limits{Unproven: 3}, []string{"a", "a", "b", "c"}, nil},
+		{"no limits", Limits{}, []string{"a", "a", "a"}, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var key string
+			var told []string
+			tc.limits.CallerKey = func(Info) string { return key }
+			tc.limits.Refused = func(reason string, info Info, err error) {
+				if !errors.Is(err, ErrTooManyConnections) || info.PID != int32(os.Getpid()) {
+					t.Errorf("Refused(%q, pid %d, %v): want ErrTooManyConnections from this process", reason, info.PID, err)
+				}
+				told = append(told, reason)
+			}
+			creds := Credentials(tc.limits)
+			for _, c := range tc.callers {
+				key = c
+				server, client := unixPair(t)
+				t.Cleanup(func() { client.Close(); server.Close() })
+				if conn, _, err := creds.ServerHandshake(server); err == nil {
+					t.Cleanup(func() { conn.Close() })
+				}
+			}
+			if strings.Join(told, ",") != strings.Join(tc.want, ",") {
+				t.Fatalf("Refused told %q, want %q", told, tc.want)
+			}
+			for _, r := range told {
+				if !slices.Contains(Refusals(), r) {
+					t.Errorf("reason %q is not in Refusals()", r)
+				}
+			}
+		})
 	}
 }

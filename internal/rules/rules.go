@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"github.com/csi-agent/csi-agent/attestor/field"
+	"slices"
 	"sort"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -24,6 +25,10 @@ type SVID struct {
 	DNSNames []string `json:"dnsNames,omitempty"`
 	// Rules: the SVID is issued when any rule matches.
 	Rules []Rule `json:"rules"`
+	// FederatesWith names the other trust domains ("example.org" or
+	// "spiffe://example.org") whose bundles the SVID's holder receives, as
+	// SPIRE's entries do. None: our own bundle only.
+	FederatesWith []string `json:"federatesWith,omitempty"`
 }
 
 // Rule matches when every Match entry and every selector holds.
@@ -40,6 +45,8 @@ type Identity struct {
 	ID       spiffeid.ID
 	Hint     string
 	DNSNames []string
+	// FederatesWith are the trust domains whose bundles the holder receives.
+	FederatesWith []spiffeid.TrustDomain
 }
 
 // Set is a compiled list of SVIDs. It is immutable and safe for concurrent use.
@@ -53,6 +60,7 @@ type compiledSVID struct {
 	id    idTemplate
 	hint  string
 	dns   []dnsTemplate
+	fed   []spiffeid.TrustDomain
 	rules [][]condition // any of the rules; all conditions within one
 }
 
@@ -109,6 +117,9 @@ func compileSVID(td spiffeid.TrustDomain, i int, sv SVID) (compiledSVID, error) 
 		return compiledSVID{}, fmt.Errorf("svids[%d].spiffeID: %w", i, err)
 	}
 	c := compiledSVID{index: i, id: id, hint: sv.Hint}
+	if c.fed, err = compileFederatesWith(td, sv.FederatesWith); err != nil {
+		return compiledSVID{}, fmt.Errorf("svids[%d].federatesWith%w", i, err)
+	}
 	for j, name := range sv.DNSNames {
 		dt, err := compileDNSTemplate(name)
 		if err != nil {
@@ -127,6 +138,28 @@ func compileSVID(td spiffeid.TrustDomain, i int, sv SVID) (compiledSVID, error) 
 		c.rules = append(c.rules, conds)
 	}
 	return c, nil
+}
+
+// compileFederatesWith returns errors that start with the place in the list.
+func compileFederatesWith(own spiffeid.TrustDomain, names []string) ([]spiffeid.TrustDomain, error) {
+	var out []spiffeid.TrustDomain
+	for k, name := range names {
+		td, err := spiffeid.TrustDomainFromString(name)
+		if err == nil && name != td.Name() && name != td.IDString() {
+			err = errors.New("want a trust domain name or spiffe://<name>, without a path")
+		}
+		if err != nil {
+			return nil, fmt.Errorf("[%d]: %q: %w", k, name, err)
+		}
+		if td == own {
+			return nil, fmt.Errorf("[%d]: %q is our own trust domain, whose bundle every SVID comes with", k, name)
+		}
+		if slices.Contains(out, td) {
+			return nil, fmt.Errorf("[%d]: %q is listed twice", k, name)
+		}
+		out = append(out, td)
+	}
+	return out, nil
 }
 
 // compileRule returns errors that start with the place inside the rule
@@ -223,7 +256,7 @@ func (s *Set) Evaluate(attrs attestor.Attributes) []Identity {
 		if out == nil {
 			out = make([]Identity, 0, min(4, len(s.svids)-i))
 		}
-		out = append(out, Identity{ID: id, Hint: sv.hint, DNSNames: dns})
+		out = append(out, Identity{ID: id, Hint: sv.hint, DNSNames: dns, FederatesWith: sv.fed})
 	}
 	return out
 }

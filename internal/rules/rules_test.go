@@ -609,3 +609,50 @@ func TestTwoPlaceholdersInOneSegmentRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+func TestFederatesWith(t *testing.T) {
+	partner := spiffeid.RequireTrustDomainFromString("partner.example")
+	spire := spiffeid.RequireTrustDomainFromString("spire.test")
+	ok := []Rule{{Selectors: []string{"k8s:ns:payments"}}}
+	tests := []struct {
+		name    string
+		fed     []string
+		want    []spiffeid.TrustDomain
+		wantErr string
+	}{
+		{"none", nil, nil, ""},
+		{"names and IDs", []string{"partner.example", "spiffe://spire.test"}, []spiffeid.TrustDomain{partner, spire}, ""},
+		{"own trust domain", []string{"example.org"}, nil, `svids[0].federatesWith[0]: "example.org" is our own trust domain`},
+		{"twice", []string{"partner.example", "spiffe://partner.example"}, nil, `svids[0].federatesWith[1]: "spiffe://partner.example" is listed twice`},
+		{"with a path", []string{"spiffe://partner.example/x"}, nil, `svids[0].federatesWith[0]: "spiffe://partner.example/x": want a trust domain name`},
+		{"invalid", []string{"Partner Example"}, nil, `svids[0].federatesWith[0]: "Partner Example": `},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			set, err := Compile(td, []SVID{{SPIFFEID: "/api", Rules: ok, FederatesWith: tt.fed}})
+			if tt.wantErr != "" {
+				if err == nil || !strings.HasPrefix(err.Error(), tt.wantErr) {
+					t.Fatalf("Compile error = %v, want prefix %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := set.Evaluate(podAttrs())
+			if len(got) != 1 || !slices.Equal(got[0].FederatesWith, tt.want) {
+				t.Fatalf("Evaluate = %+v, want one identity federating with %v", got, tt.want)
+			}
+		})
+	}
+	var svids []SVID
+	if err := yaml.UnmarshalStrict([]byte("- spiffeID: /a\n  federatesWith: [spire.test]\n  rules: [{selectors: [\"k8s:ns:payments\"]}]\n"), &svids); err != nil {
+		t.Fatal(err)
+	}
+	if got := mustCompile(t, svids).Evaluate(podAttrs()); len(got) != 1 || !slices.Equal(got[0].FederatesWith, []spiffeid.TrustDomain{spire}) {
+		t.Fatalf("YAML federatesWith: Evaluate = %+v", got)
+	}
+	if got := Default(td).Evaluate(podAttrs()); len(got) != 1 || got[0].FederatesWith != nil {
+		t.Fatalf("default rules federate: %+v", got)
+	}
+}

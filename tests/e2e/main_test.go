@@ -8,10 +8,8 @@ import (
 	"flag"
 	"fmt"
 	"os"
-	"os/signal"
 	"path/filepath"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -27,9 +25,9 @@ import (
 
 var (
 	cleanupOnly = flag.Bool("e2e.cleanup", false, "only tear down what an earlier run left under the base directory, then exit")
-	baseDir     = flag.String("e2e.base", envOr("CSI_AGENT_E2E_BASE", "/var/lib/csi-agent-e2e"), "directory of the hermetic node (removed afterwards)")
-	toolsDir    = flag.String("e2e.tools", envOr("CSI_AGENT_E2E_TOOLS", "tools"), "module (relative to tests/e2e) pinning the k8s.io/kubernetes to build kubelet and kube-apiserver from: tools (current) or tools-oldest")
-	artifacts   = flag.String("e2e.artifacts", envOr("CSI_AGENT_E2E_ARTIFACTS", filepath.Join(os.TempDir(), "csi-agent-e2e-artifacts")), "where logs go when the run fails")
+	baseDir     = flag.String("e2e.base", framework.EnvOr("CSI_AGENT_E2E_BASE", "/var/lib/csi-agent-e2e"), "directory of the hermetic node (removed afterwards)")
+	toolsDir    = flag.String("e2e.tools", framework.EnvOr("CSI_AGENT_E2E_TOOLS", "tools"), "module (relative to tests/e2e) pinning the k8s.io/kubernetes to build kubelet and kube-apiserver from: tools (current) or tools-oldest")
+	artifacts   = flag.String("e2e.artifacts", framework.EnvOr("CSI_AGENT_E2E_ARTIFACTS", filepath.Join(os.TempDir(), "csi-agent-e2e-artifacts")), "where logs go when the run fails")
 )
 
 // Kind mode: CSI_AGENT_E2E_KIND_NODE names the kind node container and
@@ -79,9 +77,7 @@ func agentOverrides() map[string]any {
 
 func TestMain(m *testing.M) {
 	flag.Parse()
-	logf := func(format string, args ...any) {
-		fmt.Fprintf(os.Stderr, "%s e2e: %s\n", time.Now().Format("15:04:05.000"), fmt.Sprintf(format, args...))
-	}
+	logf := framework.Logger("e2e")
 	if *cleanupOnly {
 		if err := framework.Cleanup(*baseDir, *artifacts, logf); err != nil {
 			logf("cleanup: %v", err)
@@ -100,15 +96,7 @@ func TestMain(m *testing.M) {
 		suite.setupErr = setupKind(ctx, kindNode, logf)
 	} else {
 		suite.setupErr = setupLocal(ctx, logf)
-		// ^C or a kill from run.sh still takes the node down in order.
-		sigs := make(chan os.Signal, 1)
-		signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
-		go func() {
-			<-sigs
-			logf("interrupted: tearing the node down")
-			teardown(true, logf)
-			os.Exit(2)
-		}()
+		framework.OnInterrupt(logf, func() { teardown(true, logf) })
 	}
 	cancel()
 	if suite.setupErr != nil {
@@ -140,19 +128,19 @@ func setupLocal(ctx context.Context, logf func(string, ...any)) error {
 	if err != nil {
 		return err
 	}
-	cache := os.Getenv("XDG_CACHE_HOME")
-	if cache == "" {
-		home, _ := os.UserHomeDir()
-		cache = filepath.Join(home, ".cache")
+	component, err := caComponent(filepath.Join(wd, *toolsDir), filepath.Join(wd, "..", "..", "deploy", "kind"))
+	if err != nil {
+		return err
 	}
 	n, err := framework.Start(ctx, framework.Options{
 		Base:           *baseDir,
 		RepoRoot:       filepath.Join(wd, "..", ".."),
 		E2EDir:         wd,
 		ToolsDir:       filepath.Join(wd, *toolsDir),
-		CacheDir:       filepath.Join(cache, "csi-agent-e2e"),
+		CacheDir:       framework.CacheDir(),
 		Artifacts:      *artifacts,
 		AgentOverrides: agentOverrides(),
+		Component:      component,
 		Logf:           logf,
 	})
 	suite.local = n
@@ -161,9 +149,32 @@ func setupLocal(ctx context.Context, logf func(string, ...any)) error {
 	}
 	logf("node: Kubernetes %s (kubelet %s, containerd %s, kernel %s)", n.Version, n.NodeInfo.KubeletVersion,
 		n.NodeInfo.ContainerRuntimeVersion, n.NodeInfo.KernelVersion)
+	if n.Cluster {
+		logf("node: agent in cluster mode, the controller as a second static pod")
+	} else {
+		logf("node: agent without a controller (components/%s)", component)
+	}
 	suite.client, suite.node = n.Client, n
 	suite.trustDomain, _ = n.AgentConfig["trustDomain"].(string)
 	return nil
+}
+
+// caComponent picks the deploy component of the agent's CA mode: none
+// (deploy/kind's cluster mode) where the API server serves
+// certificates.k8s.io/v1 ClusterTrustBundles (v1.37 on), else self-managed.
+func caComponent(tools, deployDir string) (string, error) {
+	version, err := framework.KubernetesVersion(tools)
+	if err != nil {
+		return "", err
+	}
+	var major, minor int
+	if _, err := fmt.Sscanf(version, "v%d.%d", &major, &minor); err != nil {
+		return "", fmt.Errorf("kubernetes version %q: %w", version, err)
+	}
+	if _, err := os.Stat(filepath.Join(deployDir, "components", "self-managed")); err != nil || major > 1 || minor >= 37 {
+		return "", nil
+	}
+	return "self-managed", nil
 }
 
 // setupKind points the suite at a kind cluster where kind-e2e.sh applied
@@ -227,13 +238,6 @@ func needCluster(t *testing.T) {
 	if suite.setupErr != nil {
 		t.Fatalf("cluster setup failed: %v", suite.setupErr)
 	}
-}
-
-func envOr(k, def string) string {
-	if v := os.Getenv(k); v != "" {
-		return v
-	}
-	return def
 }
 
 // agentPod returns the agent's pod on the node (the mirror pod of the

@@ -12,6 +12,8 @@
 # Extra arguments go to the test binary, e.g. -test.run TestPodGets.
 # --oldest (first argument): the smoke on the oldest supported Kubernetes
 # (tools-oldest/go.mod): one pod gets its SVID, on a node of that version.
+# --spiffe-csi (first argument): deploy/kind with components/spiffe-csi, and
+# spiffe-csi's own example workload manifest, unchanged, gets its SVID.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 start=$(date +%s)
@@ -20,6 +22,11 @@ if [ "${1:-}" = --oldest ]; then
 	shift
 	label=oldest
 	set -- -e2e.tools=tools-oldest -test.run '^TestPodGetsIdentityFromCSIVolume$' "$@"
+elif [ "${1:-}" = --spiffe-csi ]; then
+	shift
+	label=spiffe-csi
+	export CSI_AGENT_E2E_COMPONENT=spiffe-csi
+	set -- -test.run '^TestSpiffeCSIManifestRunsUnchanged$' "$@"
 fi
 
 if [ "$(id -u)" != 0 ]; then

@@ -46,9 +46,13 @@ var variants = []variant{
 	{name: "default", values: "createNamespace: true"},
 	{name: "spiffe-csi", values: "createNamespace: true\nspiffeCSI: true", components: []string{"spiffe-csi"}},
 	{name: "upstream-ca", values: upstreamValues, components: []string{"upstream-ca"}},
+	{name: "self-managed", values: "createNamespace: true\nca: {mode: selfManaged}", components: []string{"self-managed"}},
+	{name: "self-managed by its old value", values: "createNamespace: true\nca: {mode: self}", components: []string{"self-managed"}},
 	{name: "kubelet-nodes-proxy", values: "createNamespace: true\nkubelet: {nodesProxyRBAC: true}", components: []string{"kubelet-nodes-proxy"}},
 	{name: "all", values: upstreamValues + "\nspiffeCSI: true\nkubelet: {nodesProxyRBAC: true}",
 		components: []string{"spiffe-csi", "upstream-ca", "kubelet-nodes-proxy"}},
+	{name: "cluster with spiffe-csi and nodes-proxy", values: "createNamespace: true\nspiffeCSI: true\nkubelet: {nodesProxyRBAC: true}",
+		components: []string{"spiffe-csi", "kubelet-nodes-proxy"}},
 }
 
 var upstreamValues = fmt.Sprintf("createNamespace: true\nca: {mode: upstream, upstream: {cert: %q, key: %q}}", fakeCert, fakeKey)
@@ -196,7 +200,7 @@ func normalize(t *testing.T, objs []object) map[string]object {
 				delete(md, "labels")
 			}
 		}
-		if n["kind"] == "DaemonSet" {
+		if n["kind"] == "DaemonSet" || n["kind"] == "Deployment" {
 			tmd := dig(n, "spec", "template", "metadata")
 			if ann, ok := tmd["annotations"].(map[string]any); ok {
 				delete(ann, "checksum/config")
@@ -283,6 +287,9 @@ func TestChartRendersWhatKustomizeBuilds(t *testing.T) {
 func TestChartLints(t *testing.T) {
 	extra := []struct{ name, values string }{
 		{"no metrics: exec probes", "metrics: {addr: \"\"}"},
+		{"controller placed, three replicas", "controller: {replicas: 3, nodeSelector: {kubernetes.io/os: linux}, tolerations: [{key: x, operator: Exists}]}"},
+		{"cluster mode, controller elsewhere", "controller: {enabled: false}"},
+		{"socket aliases", "socketAliases: [socket, api.sock]"},
 		{"rules and placement", `trustDomain: example.org
 rules: [{spiffeID: "/ns/{kubernetes.namespace}/sa/{kubernetes.service_account}", rules: [{selectors: ["k8s:ns:demo"]}]}]
 tolerations: []
@@ -309,7 +316,7 @@ kubelet: {caFile: ""}`},
 // Values the chart must refuse rather than render something broken.
 func TestChartRefusesBadValues(t *testing.T) {
 	for _, c := range []struct{ name, values, want string }{
-		{"unknown CA mode", "ca: {mode: vault}", "ca.mode must be self or upstream"},
+		{"unknown CA mode", "ca: {mode: vault}", "ca.mode must be cluster, selfManaged or upstream"},
 		{"cert without key", fmt.Sprintf("ca: {mode: upstream, upstream: {cert: %q}}", fakeCert), "ca.upstream.key is required"},
 		{"empty driver name", "driverName: \"\"", "driverName is required"},
 	} {

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -204,7 +205,19 @@ func TestSpiffeCSIWorkloadFindsDriverAndSocket(t *testing.T) {
 				t.Fatalf("driver %q socket %q for a manifest asking for %q and %q: works=%v, want %v",
 					d.driver, d.cfg.WorkloadAPI.SocketName, vol.CSI.Driver, socket, works, c.works)
 			}
+			// SPIRE's chart's other names of the socket come with the switch.
+			if aliases := d.cfg.WorkloadAPI.SocketAliases; works != slices.Equal(aliases, []string{"socket", "api.sock"}) {
+				t.Errorf("socket aliases %q with the switch %v", aliases, works)
+			}
 		})
+	}
+}
+
+// socketAliases (chart only) reaches the agent's config.
+func TestChartSocketAliases(t *testing.T) {
+	d := agentOf(t, render(t, parseValues(t, "socketAliases: [socket, api.sock]")))
+	if got := d.cfg.WorkloadAPI.SocketAliases; !slices.Equal(got, []string{"socket", "api.sock"}) {
+		t.Fatalf("agent socket aliases %q", got)
 	}
 }
 

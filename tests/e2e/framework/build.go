@@ -97,6 +97,9 @@ func BuildImages(ctx context.Context, repoRoot, e2eDir, out string) error {
 	return WriteArchive(out,
 		Image{Tag: AgentImage, Files: map[string]string{"csi-agent": filepath.Join(bin, "csi-agent")}, Entrypoint: []string{"/csi-agent"}},
 		Image{Tag: WorkloadImage, Files: map[string]string{"workload": filepath.Join(bin, "workload")}, Entrypoint: []string{"/workload"}},
+		// The same workload under the name spiffe-csi's example manifest
+		// runs, with no args there: it watches.
+		Image{Tag: SpiffeCSIWorkloadImage, Files: map[string]string{"workload": filepath.Join(bin, "workload")}, Entrypoint: []string{"/workload", "watch"}, User: "65532:65532"},
 		Image{Tag: PauseImage, Files: map[string]string{"pause": filepath.Join(bin, "pause")}, Entrypoint: []string{"/pause"}, User: "65535:65535"},
 	)
 }

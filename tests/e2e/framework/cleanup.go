@@ -32,6 +32,9 @@ type state struct {
 	Created   []string              `json:"created"` // paths outside Base that we created
 	Procs     map[string]ProcRecord `json:"procs"`
 	APIServer string                `json:"apiserver"`
+	// ControlPlaneOnly marks a StartControlPlane base: no kubelet, so no
+	// containers, kubepods cgroups or sysctls to restore.
+	ControlPlaneOnly bool `json:"controlPlaneOnly,omitempty"`
 }
 
 const stateFile = "state.json"
@@ -80,15 +83,11 @@ func loadState(base string) (*state, error) {
 	return st, json.Unmarshal(b, st)
 }
 
-func signalPID(pid int, sig string) error {
-	s := map[string]syscall.Signal{"TERM": syscall.SIGTERM, "KILL": syscall.SIGKILL}[sig]
-	return syscall.Kill(pid, s)
-}
-
 // Cleanup tears down whatever a run under base left behind, in the order
-// that leaves nothing: kubelet, containers, containerd and its shims, API
-// server, etcd, then mounts, kubepods cgroups, sysctls, created paths and
-// base itself. It only signals processes recorded in base's state (ours)
+// that leaves nothing: kubelet, containers, containerd and its shims, other
+// recorded processes, API server, etcd, then mounts, kubepods cgroups,
+// sysctls, created paths and base itself (a control-plane-only base has no
+// node parts). It only signals processes recorded in base's state (ours)
 // and processes inside our kubepods cgroups. artifacts, when set, receives
 // the component and pod logs first.
 func Cleanup(base, artifacts string, logf func(string, ...any)) error {
@@ -110,15 +109,28 @@ func Cleanup(base, artifacts string, logf func(string, ...any)) error {
 			logf("cleanup: %v", err)
 		}
 	}
-	note(stopRecord(st.Procs["kubelet"], 15*time.Second))
-	if st.Procs["containerd"].alive() {
-		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-		removeContainers(ctx, d.ctrdSock)
-		cancel()
+	node := !st.ControlPlaneOnly
+	if node {
+		note(stopRecord(st.Procs["kubelet"], 15*time.Second))
+		if st.Procs["containerd"].alive() {
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			removeContainers(ctx, d.ctrdSock)
+			cancel()
+		}
+		note(killKubepods())
+		note(removePodBridge())
+		note(stopRecord(st.Procs["containerd"], 15*time.Second))
+		note(killShims(d.ctrdState))
 	}
-	note(killKubepods())
-	note(stopRecord(st.Procs["containerd"], 15*time.Second))
-	note(killShims(d.ctrdState))
+	// Processes a test started beside the control plane (StartProcess) go
+	// before the API server they talk to.
+	for _, name := range sortedKeys(st.Procs) {
+		switch name {
+		case "kubelet", "containerd", "kube-apiserver", "etcd":
+		default:
+			note(stopRecord(st.Procs[name], 15*time.Second))
+		}
+	}
 	note(stopRecord(st.Procs["kube-apiserver"], 15*time.Second))
 	note(stopRecord(st.Procs["etcd"], 15*time.Second))
 	if artifacts != "" {
@@ -126,11 +138,13 @@ func Cleanup(base, artifacts string, logf func(string, ...any)) error {
 		logf("cleanup: logs saved in %s", artifacts)
 	}
 	note(unmountUnder(base))
-	note(removeKubepods())
-	for k, v := range st.Sysctls {
-		note(os.WriteFile("/proc/sys/"+k, []byte(v), 0o644))
+	if node {
+		note(removeKubepods())
+		for k, v := range st.Sysctls {
+			note(os.WriteFile("/proc/sys/"+k, []byte(v), 0o644))
+		}
+		note(removeLinksInto("/var/log/containers", base))
 	}
-	note(removeLinksInto("/var/log/containers", base))
 	for i := len(st.Created) - 1; i >= 0; i-- {
 		note(removeAll(st.Created[i]))
 	}

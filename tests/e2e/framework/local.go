@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -12,7 +11,6 @@ import (
 	"strings"
 	"time"
 
-	authv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
@@ -33,6 +31,13 @@ const (
 	AgentImage     = "csi-agent:dev"
 	WorkloadImage  = "csi-agent-workload:dev"
 	PauseImage     = "docker.io/csi-agent-e2e/pause:e2e"
+	// The controller of cluster mode (deploy/kind/controller.yaml).
+	ControllerDeployment = "csi-agent-controller"
+	ControllerSA         = "csi-agent-controller"
+
+	// The controller's static pod shares the node's network with the agent
+	// (whose metrics are on 9890).
+	controllerMetricsPort = 9891
 
 	apiServerPort = 6443
 	etcdPort      = 12379 // peer +1, metrics +2
@@ -52,26 +57,34 @@ type Options struct {
 	// AgentOverrides replace top-level keys of the deploy config.yaml (a map
 	// value is merged one level deep).
 	AgentOverrides map[string]any
-	Logf           func(string, ...any)
+	// Component is a deploy/kind component to run with (e.g. self-managed,
+	// where the API server lacks what cluster mode needs); empty: deploy/kind.
+	Component string
+	Logf      func(string, ...any)
 }
 
 // Local is a single-node cluster of host processes on loopback: etcd,
 // kube-apiserver, containerd and kubelet, with the agent as a static pod
 // made from the deploy DaemonSet.
 type Local struct {
-	opts  Options
-	d     dirs
-	st    *state
-	procs map[string]*proc
+	opts Options
+	d    dirs
+	st   *state
+	ps   *procSet
+	cp   *ControlPlane
 
-	Rest        *rest.Config
-	Client      kubernetes.Interface
-	Version     string                // Kubernetes version of kubelet and kube-apiserver
+	Rest    *rest.Config
+	Client  kubernetes.Interface
+	Version string // Kubernetes version of kubelet and kube-apiserver
+	// Cluster is set when the deploy manifests run the controller (cluster
+	// mode): it runs as a second static pod.
+	Cluster     bool
 	NodeInfo    corev1.NodeSystemInfo // as the kubelet reported it
 	AgentConfig map[string]any        // as the agent runs it, paths rewritten
 	paths       *strings.Replacer
 	kubeletArgs []string
 	kubelet     string
+	objs        []*unstructured.Unstructured // the deploy manifests the node runs
 }
 
 type dirs struct {
@@ -79,7 +92,7 @@ type dirs struct {
 	ctrdRoot, ctrdState, ctrdConfig, ctrdSock, runcRoot   string
 	cni, kubeletRoot, kubeletConf, manifests, podLogs     string
 	volumePlugins, agentState, agentRun, agentConf, token string
-	admin                                                 string
+	ctrlConf, ctrlToken, admin                            string
 }
 
 func newDirs(base string) dirs {
@@ -91,7 +104,7 @@ func newDirs(base string) dirs {
 		cni: j("cni"), kubeletRoot: j("kubelet"), kubeletConf: j("kubelet-config"), manifests: j("manifests"),
 		podLogs: j("pod-logs"), volumePlugins: j("volume-plugins"),
 		agentState: j("agent-state"), agentRun: j("agent-run"), agentConf: j("agent-config"), token: j("agent-token"),
-		admin: j("admin.kubeconfig"),
+		ctrlConf: j("controller-config"), ctrlToken: j("controller-token"), admin: j("admin.kubeconfig"),
 	}
 }
 
@@ -100,7 +113,10 @@ func Start(ctx context.Context, opts Options) (*Local, error) {
 	if opts.Logf == nil {
 		opts.Logf = func(string, ...any) {}
 	}
-	n := &Local{opts: opts, d: newDirs(opts.Base), procs: map[string]*proc{}}
+	if opts.Component == "" {
+		opts.Component = os.Getenv(ComponentEnv)
+	}
+	n := &Local{opts: opts, d: newDirs(opts.Base)}
 	n.paths = strings.NewReplacer(
 		"/var/lib/kubelet", n.d.kubeletRoot,
 		"/var/lib/csi-agent", n.d.agentState,
@@ -114,7 +130,7 @@ func Start(ctx context.Context, opts Options) (*Local, error) {
 	}
 	for _, d := range []string{n.d.pki, n.d.etcd, n.d.logs, n.d.bin, n.d.ctrdRoot, n.d.ctrdState, n.d.runcRoot, n.d.cni,
 		n.d.kubeletRoot, n.d.kubeletConf, n.d.manifests, n.d.podLogs, n.d.volumePlugins, n.d.agentState,
-		filepath.Join(n.d.agentRun, "sockets"), n.d.agentConf, n.d.token} {
+		filepath.Join(n.d.agentRun, "sockets"), n.d.agentConf, n.d.token, n.d.ctrlConf, n.d.ctrlToken} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return n, err
 		}
@@ -124,6 +140,7 @@ func Start(ctx context.Context, opts Options) (*Local, error) {
 		return n, err
 	}
 	n.st = st
+	n.ps = &procSet{base: opts.Base, logs: n.d.logs, st: st, running: map[string]*proc{}}
 	if err := n.st.save(opts.Base); err != nil {
 		return n, err
 	}
@@ -147,6 +164,7 @@ func Start(ctx context.Context, opts Options) (*Local, error) {
 		{"deploy manifests", n.applyManifests},
 		{"containerd", n.startContainerd},
 		{"kubelet", n.startKubelet},
+		{"static pods", n.writeStaticPods},
 		{"agent ready and registered", n.waitAgent},
 	} {
 		if err := step(s.name, s.f); err != nil {
@@ -170,12 +188,8 @@ func preflight() error {
 			return fmt.Errorf("%s/kubepods exists: another kubelet runs on this machine", m)
 		}
 	}
-	for _, port := range nodePorts {
-		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
-		if err != nil {
-			return fmt.Errorf("port %d is busy: %w", port, err)
-		}
-		l.Close()
+	if err := portsFree(nodePorts); err != nil {
+		return err
 	}
 	for _, bin := range []string{"etcd", "containerd", "containerd-shim-runc-v2", "runc", "ctr"} {
 		if _, err := exec.LookPath(bin); err != nil {
@@ -204,99 +218,20 @@ func (n *Local) buildKubernetes(ctx context.Context) error {
 	return err
 }
 
-func (n *Local) start(name string, args ...string) error {
-	p, err := startProc(args, filepath.Join(n.d.logs, name+".log"))
-	if err != nil {
-		return fmt.Errorf("start %s: %w", name, err)
-	}
-	n.procs[name] = p
-	n.st.Procs[name] = p.rec
-	return n.st.save(n.opts.Base)
-}
+func (n *Local) start(name string, args ...string) error     { return n.ps.start(name, args...) }
+func (n *Local) stop(name string, grace time.Duration) error { return n.ps.stop(name, grace) }
+func (n *Local) exited(name string) error                    { return n.ps.exited(name) }
 
-func (n *Local) stop(name string, grace time.Duration) error {
-	rec, ok := n.st.Procs[name]
-	if !ok {
-		return nil
-	}
-	if p := n.procs[name]; p != nil {
-		select {
-		case <-p.done:
-		default:
-			_ = signalPID(rec.PID, "TERM")
-			select {
-			case <-p.done:
-			case <-time.After(grace):
-				_ = signalPID(rec.PID, "KILL")
-				<-p.done
-			}
-		}
-	} else if err := stopRecord(rec, grace); err != nil {
-		return err
-	}
-	delete(n.procs, name)
-	delete(n.st.Procs, name)
-	return n.st.save(n.opts.Base)
-}
-
-// exited returns an error when a component died while we wait on it.
-func (n *Local) exited(name string) error {
-	if p := n.procs[name]; p != nil {
-		select {
-		case <-p.done:
-			return fmt.Errorf("%s exited; see %s", name, filepath.Join(n.d.logs, name+".log"))
-		default:
-		}
-	}
-	return nil
-}
-
+// startControlPlane runs the same etcd and kube-apiserver as
+// StartControlPlane, recorded in the node's state.
 func (n *Local) startControlPlane(ctx context.Context) error {
-	u := func(port int) string { return fmt.Sprintf("http://127.0.0.1:%d", port) }
-	if err := n.start("etcd", "etcd", "--name=e2e", "--data-dir="+n.d.etcd,
-		"--listen-client-urls="+u(etcdPort), "--advertise-client-urls="+u(etcdPort),
-		"--listen-peer-urls="+u(etcdPort+1), "--initial-advertise-peer-urls="+u(etcdPort+1),
-		"--initial-cluster=e2e="+u(etcdPort+1), "--listen-metrics-urls="+u(etcdPort+2),
-		"--unsafe-no-fsync=true", "--log-level=warn"); err != nil {
+	n.cp = &ControlPlane{opts: ControlPlaneOptions{Base: n.opts.Base, APIServerPort: apiServerPort, EtcdPort: etcdPort, Logf: n.opts.Logf},
+		d: n.d, ps: n.ps, Version: n.Version}
+	if err := n.cp.start(ctx); err != nil {
 		return err
 	}
-	pki := func(f string) string { return filepath.Join(n.d.pki, f) }
-	if err := n.start("kube-apiserver", n.st.APIServer,
-		fmt.Sprintf("--etcd-servers=%s", u(etcdPort)),
-		"--bind-address=127.0.0.1", fmt.Sprintf("--secure-port=%d", apiServerPort), "--advertise-address=127.0.0.1",
-		"--tls-cert-file="+pki("apiserver.crt"), "--tls-private-key-file="+pki("apiserver.key"),
-		"--client-ca-file="+pki("ca.crt"),
-		"--kubelet-client-certificate="+pki("apiserver-kubelet-client.crt"), "--kubelet-client-key="+pki("apiserver-kubelet-client.key"),
-		"--kubelet-certificate-authority="+pki("ca.crt"), "--kubelet-preferred-address-types=Hostname",
-		"--service-account-issuer=https://kubernetes.default.svc", "--api-audiences=https://kubernetes.default.svc",
-		"--service-account-key-file="+pki("sa.pub"), "--service-account-signing-key-file="+pki("sa.key"),
-		"--authorization-mode=Node,RBAC", "--allow-privileged=true", "--endpoint-reconciler-type=none",
-		"--service-cluster-ip-range=10.96.0.0/24", "--enable-priority-and-fairness=false", "--profiling=false",
-		"--cert-dir="+pki("apiserver-generated"), "--v=1"); err != nil {
-		return err
-	}
-	n.Rest = &rest.Config{
-		Host:            fmt.Sprintf("https://127.0.0.1:%d", apiServerPort),
-		TLSClientConfig: rest.TLSClientConfig{CAFile: pki("ca.crt"), CertFile: pki("admin.crt"), KeyFile: pki("admin.key")},
-		QPS:             100, Burst: 200,
-	}
-	if err := writeKubeconfig(n.d.admin, n.Rest.Host, pki("ca.crt"), pki("admin.crt"), pki("admin.key")); err != nil {
-		return err
-	}
-	cs, err := kubernetes.NewForConfig(n.Rest)
-	if err != nil {
-		return err
-	}
-	n.Client = cs
-	return wait.PollUntilContextTimeout(ctx, 200*time.Millisecond, 90*time.Second, true, func(ctx context.Context) (bool, error) {
-		for _, c := range []string{"etcd", "kube-apiserver"} {
-			if err := n.exited(c); err != nil {
-				return false, err
-			}
-		}
-		body, err := cs.Discovery().RESTClient().Get().AbsPath("/readyz").DoRaw(ctx)
-		return err == nil && string(body) == "ok", nil
-	})
+	n.Rest, n.Client = n.cp.Rest, n.cp.Client
+	return nil
 }
 
 func writeKubeconfig(path, server, ca, cert, key string) error {
@@ -312,46 +247,62 @@ current-context: e2e
 
 // applyManifests server-side dry-runs every deploy manifest (a schema error
 // fails here), applies for real what the node needs (namespace, RBAC,
-// CSIDriver, ConfigMap), and writes the agent's static pod from the
-// DaemonSet template.
+// CSIDriver, ConfigMap), and writes the agent's (and the controller's)
+// config; writeStaticPods makes their pods once the Node exists.
 func (n *Local) applyManifests(ctx context.Context) error {
 	deployDir := filepath.Join(n.opts.RepoRoot, "deploy", "kind")
-	objs, err := Kustomize(deployDir)
-	if err != nil {
-		return err
-	}
 	example, err := Kustomize(filepath.Join(deployDir, "example"))
 	if err != nil {
 		return err
+	}
+	// The podCertificate example too, where the API server has
+	// PodCertificateRequests: its Deployment is dry-run (strict field
+	// validation against this API server), the rest applied.
+	if n.servesPodCertificates() {
+		podCert, err := Kustomize(filepath.Join(deployDir, "example", "pod-certificate"))
+		if err != nil {
+			return err
+		}
+		example = append(example, podCert...)
 	}
 	tmp, err := os.MkdirTemp(n.d.base, "kustomize-")
 	if err != nil {
 		return err
 	}
-	overlay, err := UpstreamCAOverlay(deployDir, tmp)
+	// Every component is dry-run on top of deploy/kind; upstream-ca with a
+	// CA made here.
+	withComponent := map[string][]*unstructured.Unstructured{}
+	entries, err := os.ReadDir(filepath.Join(deployDir, "components"))
 	if err != nil {
 		return err
 	}
-	withCA, err := Kustomize(overlay)
+	for _, e := range entries {
+		if !e.IsDir() {
+			continue
+		}
+		overlay, err := ComponentOverlay(deployDir, tmp, e.Name())
+		if e.Name() == "upstream-ca" {
+			overlay, err = UpstreamCAOverlay(deployDir, tmp)
+		}
+		if err != nil {
+			return err
+		}
+		if withComponent[e.Name()], err = Kustomize(overlay); err != nil {
+			return err
+		}
+	}
+	objs, err := Kustomize(deployDir)
 	if err != nil {
 		return err
 	}
-	proxyOverlay, err := ComponentOverlay(deployDir, tmp, "kubelet-nodes-proxy")
-	if err != nil {
-		return err
+	if c := n.opts.Component; c != "" {
+		if objs = withComponent[c]; objs == nil {
+			return fmt.Errorf("no component %s in %s/components", c, deployDir)
+		}
 	}
-	withProxy, err := Kustomize(proxyOverlay)
-	if err != nil {
-		return err
-	}
-	spiffeCSIOverlay, err := ComponentOverlay(deployDir, tmp, "spiffe-csi")
-	if err != nil {
-		return err
-	}
-	withSpiffeCSI, err := Kustomize(spiffeCSIOverlay)
-	if err != nil {
-		return err
-	}
+	n.objs = objs
+	_, err = Find(objs, "Deployment", ControllerDeployment)
+	n.Cluster = err == nil
 	a, err := NewApplier(n.Rest)
 	if err != nil {
 		return err
@@ -364,13 +315,18 @@ func (n *Local) applyManifests(ctx context.Context) error {
 			}
 		}
 	}
-	for _, o := range append(append(append(all, withCA...), withProxy...), withSpiffeCSI...) {
+	dry := append([]*unstructured.Unstructured{}, all...)
+	counts := []string{}
+	for _, c := range sortedKeys(withComponent) {
+		dry = append(dry, withComponent[c]...)
+		counts = append(counts, fmt.Sprintf("%d with %s", len(withComponent[c]), c))
+	}
+	for _, o := range dry {
 		if err := a.Apply(ctx, o, true); err != nil {
 			return err
 		}
 	}
-	n.opts.Logf("node: %d deploy objects passed server-side dry-run (%d with the upstream-ca component, %d with kubelet-nodes-proxy, %d with spiffe-csi)",
-		len(all), len(withCA), len(withProxy), len(withSpiffeCSI))
+	n.opts.Logf("node: %d deploy objects passed server-side dry-run (%s)", len(all), strings.Join(counts, ", "))
 
 	cfg, err := AgentConfig(objs, n.opts.AgentOverrides)
 	if err != nil {
@@ -387,32 +343,68 @@ func (n *Local) applyManifests(ctx context.Context) error {
 	if err := os.WriteFile(filepath.Join(n.d.agentConf, "config.yaml"), []byte(rewritten), 0o644); err != nil {
 		return err
 	}
-	if err := n.writeAgentToken(ctx); err != nil {
+	if !n.Cluster {
+		return nil
+	}
+	// The controller reads the same file; only its metrics move off the
+	// agent's port, as both use the node's network here.
+	ctrl := map[string]any{}
+	if err := yaml.Unmarshal([]byte(rewritten), &ctrl); err != nil {
 		return err
 	}
-	pod, err := StaticAgentPod(objs, n.d.agentConf, n.d.token, n.paths)
+	MergeConfig(ctrl, map[string]any{"metrics": map[string]any{"addr": fmt.Sprintf("127.0.0.1:%d", controllerMetricsPort)}})
+	raw, err = yaml.Marshal(ctrl)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(n.d.ctrlConf, "config.yaml"), raw, 0o644)
+}
+
+// writeStaticPods writes the agent's (and in cluster mode the controller's)
+// static pod once the kubelet has registered the Node. A static pod has no
+// projected token: a TokenRequest token stands in, for the agent bound to
+// the Node so that, like a pod-bound one, it names the node to the API
+// server (cluster mode's CSRs); the kubelet authenticates it with a
+// TokenReview and authorizes the agent's GET /pods by the deploy RBAC. The
+// API server is reached on the node's loopback, as there is no Service
+// network.
+func (n *Local) writeStaticPods(ctx context.Context) error {
+	env := []corev1.EnvVar{{Name: "KUBERNETES_SERVICE_HOST", Value: "127.0.0.1"}, {Name: "KUBERNETES_SERVICE_PORT", Value: fmt.Sprint(apiServerPort)}}
+	if err := n.writeToken(ctx, n.d.token, AgentSA, NodeName, 0o600); err != nil {
+		return err
+	}
+	if n.Cluster {
+		// The controller runs as its image's non-root user.
+		if err := n.writeToken(ctx, n.d.ctrlToken, ControllerSA, "", 0o644); err != nil {
+			return err
+		}
+		pod, err := StaticControllerPod(n.objs, n.d.ctrlConf, n.d.ctrlToken, env, controllerMetricsPort)
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(filepath.Join(n.d.manifests, ControllerDeployment+".yaml"), pod, 0o644); err != nil {
+			return err
+		}
+	}
+	pod, err := StaticAgentPod(n.objs, n.d.agentConf, n.d.token, n.paths, env)
 	if err != nil {
 		return err
 	}
 	return os.WriteFile(filepath.Join(n.d.manifests, "csi-agent.yaml"), pod, 0o644)
 }
 
-// writeAgentToken stands in for the projected service-account token a
-// static pod cannot have: the kubelet authenticates it with a TokenReview
-// and authorizes the agent's GET /pods by the deploy RBAC, as in a cluster.
-func (n *Local) writeAgentToken(ctx context.Context) error {
-	exp := int64(4 * 3600)
-	tr, err := n.Client.CoreV1().ServiceAccounts(AgentNamespace).CreateToken(ctx, AgentSA,
-		&authv1.TokenRequest{Spec: authv1.TokenRequestSpec{ExpirationSeconds: &exp}}, metav1.CreateOptions{})
+// writeToken writes what a service account's token volume holds into dir.
+func (n *Local) writeToken(ctx context.Context, dir, sa, boundNode string, mode os.FileMode) error {
+	token, err := n.cp.ServiceAccountToken(ctx, AgentNamespace, sa, boundNode)
 	if err != nil {
-		return fmt.Errorf("token for %s/%s: %w", AgentNamespace, AgentSA, err)
+		return err
 	}
 	ca, err := os.ReadFile(filepath.Join(n.d.pki, "ca.crt"))
 	if err != nil {
 		return err
 	}
-	for name, data := range map[string][]byte{"token": []byte(tr.Status.Token), "ca.crt": ca, "namespace": []byte(AgentNamespace)} {
-		if err := os.WriteFile(filepath.Join(n.d.token, name), data, 0o600); err != nil {
+	for name, data := range map[string][]byte{"token": []byte(token), "ca.crt": ca, "namespace": []byte(AgentNamespace)} {
+		if err := os.WriteFile(filepath.Join(dir, name), data, mode); err != nil {
 			return err
 		}
 	}
@@ -422,6 +414,9 @@ func (n *Local) writeAgentToken(ctx context.Context) error {
 func (n *Local) startContainerd(ctx context.Context) error {
 	cniConf := `{"cniVersion":"0.4.0","name":"lo","plugins":[{"type":"loopback"}]}`
 	if err := os.WriteFile(filepath.Join(n.d.cni, "10-loopback.conflist"), []byte(cniConf), 0o644); err != nil {
+		return err
+	}
+	if err := n.writePodNetwork(); err != nil {
 		return err
 	}
 	conf := fmt.Sprintf(`version = 2
@@ -580,20 +575,25 @@ maxPods: 110
 // waitAgent waits for the agent's mirror pod to be Ready and for the kubelet
 // to have registered the CSI driver (the CSINode object lists it).
 func (n *Local) waitAgent(ctx context.Context) error {
-	mirror := AgentDaemonSet + "-" + NodeName
+	mirrors := []string{AgentDaemonSet + "-" + NodeName}
+	if n.Cluster {
+		mirrors = append(mirrors, ControllerDeployment+"-"+NodeName)
+	}
 	var last string
 	err := wait.PollUntilContextTimeout(ctx, 250*time.Millisecond, 90*time.Second, true, func(ctx context.Context) (bool, error) {
 		if err := n.exited("kubelet"); err != nil {
 			return false, err
 		}
-		pod, err := n.Client.CoreV1().Pods(AgentNamespace).Get(ctx, mirror, metav1.GetOptions{})
-		if err != nil {
-			last = err.Error()
-			return false, nil
-		}
-		if !PodReady(pod) {
-			last = "agent pod not ready: " + PodSummary(pod)
-			return false, nil
+		for _, mirror := range mirrors {
+			pod, err := n.Client.CoreV1().Pods(AgentNamespace).Get(ctx, mirror, metav1.GetOptions{})
+			if err != nil {
+				last = err.Error()
+				return false, nil
+			}
+			if !PodReady(pod) {
+				last = "pod not ready: " + PodSummary(pod)
+				return false, nil
+			}
 		}
 		csiNode, err := n.Client.StorageV1().CSINodes().Get(ctx, NodeName, metav1.GetOptions{})
 		if err != nil {
@@ -601,11 +601,11 @@ func (n *Local) waitAgent(ctx context.Context) error {
 			return false, nil
 		}
 		for _, d := range csiNode.Spec.Drivers {
-			if d.Name == DriverName {
+			if d.Name == n.Driver() {
 				return true, nil
 			}
 		}
-		last = "CSINode does not list " + DriverName + " yet"
+		last = "CSINode does not list " + n.Driver() + " yet"
 		return false, nil
 	})
 	if err != nil {
@@ -647,11 +647,12 @@ func PodSummary(p *corev1.Pod) string {
 // volumes), then tears the node down and restores the machine. keepLogs
 // copies the component logs to the artifacts directory first.
 func (n *Local) Stop(keepLogs bool) error {
-	if n.Client != nil && n.procs["kubelet"] != nil {
+	if n.Client != nil && n.ps != nil && n.ps.running["kubelet"] != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 		n.deleteWorkloadPods(ctx)
-		// Then the agent itself, by taking its static manifest away.
+		// Then the agent and the controller, by taking their static manifests away.
 		_ = os.Remove(filepath.Join(n.d.manifests, "csi-agent.yaml"))
+		_ = os.Remove(filepath.Join(n.d.manifests, ControllerDeployment+".yaml"))
 		_ = wait.PollUntilContextCancel(ctx, 250*time.Millisecond, true, func(ctx context.Context) (bool, error) {
 			out, err := ctrOut(ctx, n.d.ctrdSock, "tasks", "ls", "-q")
 			return err == nil && strings.TrimSpace(out) == "", nil

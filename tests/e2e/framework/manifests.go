@@ -14,6 +14,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/discovery"
 	"k8s.io/client-go/discovery/cached/memory"
 	"k8s.io/client-go/dynamic"
@@ -150,26 +151,69 @@ func MergeConfig(cfg, overrides map[string]any) {
 	}
 }
 
+// decodeObject decodes the object of kind and name into out, its text
+// rewritten by paths when that is set.
+func decodeObject(objs []*unstructured.Unstructured, kind, name string, paths *strings.Replacer, out any) error {
+	u, err := Find(objs, kind, name)
+	if err != nil {
+		return err
+	}
+	raw, err := json.Marshal(u.Object)
+	if err != nil {
+		return err
+	}
+	if paths != nil {
+		raw = []byte(paths.Replace(string(raw)))
+	}
+	return json.Unmarshal(raw, out)
+}
+
 // StaticAgentPod turns the DaemonSet's pod template into a static pod, the
 // way this node can run it without a DaemonSet controller: a static (mirror)
 // pod may not use a service account, a ConfigMap or a projected token, so
 // those become hostPath volumes at the same mount paths, holding the same
 // config and a token from the TokenRequest API. Paths are rewritten with
 // the replacer so the agent sees the node's directories at their host paths.
-func StaticAgentPod(objs []*unstructured.Unstructured, configDir, tokenDir string, paths *strings.Replacer) ([]byte, error) {
-	u, err := Find(objs, "DaemonSet", AgentDaemonSet)
-	if err != nil {
-		return nil, err
-	}
-	raw, err := json.Marshal(u.Object)
-	if err != nil {
-		return nil, err
-	}
+// env is added to every container (e.g. where the API server is).
+func StaticAgentPod(objs []*unstructured.Unstructured, configDir, tokenDir string, paths *strings.Replacer, env []corev1.EnvVar) ([]byte, error) {
 	var ds appsv1.DaemonSet
-	if err := json.Unmarshal([]byte(paths.Replace(string(raw))), &ds); err != nil {
+	if err := decodeObject(objs, "DaemonSet", AgentDaemonSet, paths, &ds); err != nil {
 		return nil, err
 	}
-	spec := ds.Spec.Template.Spec
+	return staticPod(ds.ObjectMeta, ds.Spec.Template, configDir, tokenDir, env)
+}
+
+// StaticControllerPod turns the controller Deployment's pod template into a
+// static pod as StaticAgentPod does, on the node's network (a pod here has
+// only loopback, and the API server listens on the node's): its metrics
+// and probes move to 127.0.0.1:metricsPort, off the agent's port.
+func StaticControllerPod(objs []*unstructured.Unstructured, configDir, tokenDir string, env []corev1.EnvVar, metricsPort int) ([]byte, error) {
+	var d appsv1.Deployment
+	if err := decodeObject(objs, "Deployment", ControllerDeployment, nil, &d); err != nil {
+		return nil, err
+	}
+	tmpl := d.Spec.Template
+	tmpl.Spec.HostNetwork = true
+	tmpl.Spec.Affinity = nil
+	for i := range tmpl.Spec.Containers {
+		c := &tmpl.Spec.Containers[i]
+		for j := range c.Ports {
+			c.Ports[j].ContainerPort = int32(metricsPort)
+		}
+		for _, p := range []*corev1.Probe{c.ReadinessProbe, c.LivenessProbe, c.StartupProbe} {
+			if p != nil && p.HTTPGet != nil {
+				p.HTTPGet.Host = "127.0.0.1"
+				p.HTTPGet.Port = intstr.FromInt32(int32(metricsPort))
+			}
+		}
+	}
+	return staticPod(d.ObjectMeta, tmpl, configDir, tokenDir, env)
+}
+
+// staticPod makes a static pod of a pod template whose config comes from
+// the agent's ConfigMap and whose API access from its service account.
+func staticPod(meta metav1.ObjectMeta, tmpl corev1.PodTemplateSpec, configDir, tokenDir string, env []corev1.EnvVar) ([]byte, error) {
+	spec := tmpl.Spec
 	spec.ServiceAccountName = ""
 	spec.DeprecatedServiceAccount = ""
 	no := false
@@ -185,10 +229,11 @@ func StaticAgentPod(objs []*unstructured.Unstructured, configDir, tokenDir strin
 		spec.Containers[i].VolumeMounts = append(spec.Containers[i].VolumeMounts, corev1.VolumeMount{
 			Name: "sa-token", MountPath: "/var/run/secrets/kubernetes.io/serviceaccount", ReadOnly: true,
 		})
+		spec.Containers[i].Env = append(spec.Containers[i].Env, env...)
 	}
 	pod := corev1.Pod{
 		TypeMeta:   metav1.TypeMeta{APIVersion: "v1", Kind: "Pod"},
-		ObjectMeta: metav1.ObjectMeta{Name: ds.Name, Namespace: ds.Namespace, Labels: ds.Spec.Template.Labels, Annotations: ds.Spec.Template.Annotations},
+		ObjectMeta: metav1.ObjectMeta{Name: meta.Name, Namespace: meta.Namespace, Labels: tmpl.Labels, Annotations: tmpl.Annotations},
 		Spec:       spec,
 	}
 	return yaml.Marshal(pod)
@@ -197,16 +242,8 @@ func StaticAgentPod(objs []*unstructured.Unstructured, configDir, tokenDir strin
 // PodFromDeployment returns a pod made from a Deployment's pod template, for
 // a node without a Deployment controller.
 func PodFromDeployment(objs []*unstructured.Unstructured, name string) (*corev1.Pod, error) {
-	u, err := Find(objs, "Deployment", name)
-	if err != nil {
-		return nil, err
-	}
-	raw, err := json.Marshal(u.Object)
-	if err != nil {
-		return nil, err
-	}
 	var d appsv1.Deployment
-	if err := json.Unmarshal(raw, &d); err != nil {
+	if err := decodeObject(objs, "Deployment", name, nil, &d); err != nil {
 		return nil, err
 	}
 	return &corev1.Pod{

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -110,4 +111,68 @@ func waitGone(r ProcRecord, d time.Duration) bool {
 func isZombie(stat string) bool {
 	i := strings.LastIndexByte(stat, ')')
 	return i >= 0 && len(stat) > i+2 && stat[i+2] == 'Z'
+}
+
+// procSet starts and stops the processes of one base directory, recording
+// each in the base's state file before it runs, so that Cleanup (of this run
+// or a later one) stops them by PID even when the test binary died.
+type procSet struct {
+	base, logs string
+	st         *state
+	running    map[string]*proc
+}
+
+func (s *procSet) logPath(name string) string { return filepath.Join(s.logs, name+".log") }
+
+func (s *procSet) start(name string, args ...string) error {
+	if _, ok := s.st.Procs[name]; ok {
+		return fmt.Errorf("start %s: already running", name)
+	}
+	p, err := startProc(args, s.logPath(name))
+	if err != nil {
+		return fmt.Errorf("start %s: %w", name, err)
+	}
+	s.running[name] = p
+	s.st.Procs[name] = p.rec
+	return s.st.save(s.base)
+}
+
+// stop sends SIGTERM and, after grace, SIGKILL; a zero grace kills at once.
+func (s *procSet) stop(name string, grace time.Duration) error {
+	rec, ok := s.st.Procs[name]
+	if !ok {
+		return nil
+	}
+	if p := s.running[name]; p != nil {
+		select {
+		case <-p.done:
+		default:
+			if grace > 0 {
+				_ = syscall.Kill(rec.PID, syscall.SIGTERM)
+			}
+			select {
+			case <-p.done:
+			case <-time.After(grace):
+				_ = syscall.Kill(rec.PID, syscall.SIGKILL)
+				<-p.done
+			}
+		}
+	} else if err := stopRecord(rec, grace); err != nil {
+		return err
+	}
+	delete(s.running, name)
+	delete(s.st.Procs, name)
+	return s.st.save(s.base)
+}
+
+// exited returns an error when a process died while we wait on it.
+func (s *procSet) exited(name string) error {
+	if p := s.running[name]; p != nil {
+		select {
+		case <-p.done:
+			return fmt.Errorf("%s exited; see %s", name, s.logPath(name))
+		default:
+		}
+	}
+	return nil
 }

@@ -59,6 +59,10 @@ func main() {
 		err = watch(ctx, os.Args[2:])
 	case "fetch":
 		err = fetch(ctx)
+	case "podcert":
+		err = podCert(ctx, os.Args[2:])
+	case "mtls-serve":
+		err = mtlsServe(ctx, os.Args[2:])
 	case "sleep":
 		var d time.Duration
 		if len(os.Args) > 2 {

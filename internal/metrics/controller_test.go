@@ -1,0 +1,81 @@
+package metrics
+
+import (
+	"testing"
+	"time"
+
+	dto "github.com/prometheus/client_model/go"
+)
+
+// value is the one series of name whose labels include want.
+func value(t *testing.T, m *Metrics, name string, want map[string]string) (float64, bool) {
+	t.Helper()
+	mfs, err := m.Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+	series:
+		for _, s := range mf.Metric {
+			labels := map[string]string{}
+			for _, l := range s.Label {
+				labels[l.GetName()] = l.GetValue()
+			}
+			for k, v := range want {
+				if labels[k] != v {
+					continue series
+				}
+			}
+			return read(s), true
+		}
+	}
+	return 0, false
+}
+
+func read(s *dto.Metric) float64 {
+	switch {
+	case s.Counter != nil:
+		return s.Counter.GetValue()
+	case s.Gauge != nil:
+		return s.Gauge.GetValue()
+	}
+	return 0
+}
+
+func TestControllerMetrics(t *testing.T) {
+	m := New("test")
+	c := m.Controller()
+	var expiry time.Time
+	c.WatchRootExpiry(func() time.Time { return expiry })
+	c.CSR("intermediate", "approved")
+	c.CSR("intermediate", "approved")
+	c.CSR("jwt-key", "issued")
+	c.CSRDenied("san")
+	c.Leader(true)
+	for _, tt := range []struct {
+		name   string
+		labels map[string]string
+		want   float64
+	}{
+		{"csi_agent_controller_csrs_total", map[string]string{"kind": "intermediate", "result": "approved"}, 2},
+		{"csi_agent_controller_csrs_total", map[string]string{"kind": "jwt-key", "result": "issued"}, 1},
+		{"csi_agent_controller_csr_denials_total", map[string]string{"reason": "san"}, 1},
+		{"csi_agent_controller_leader", nil, 1},
+		{"csi_agent_controller_root_expiry_timestamp_seconds", nil, 0},
+	} {
+		if got, ok := value(t, m, tt.name, tt.labels); !ok || got != tt.want {
+			t.Errorf("%s%v = %v (found %v), want %v", tt.name, tt.labels, got, ok, tt.want)
+		}
+	}
+	expiry = time.Unix(1800000000, 0)
+	c.Leader(false)
+	if got, _ := value(t, m, "csi_agent_controller_root_expiry_timestamp_seconds", nil); got != 1800000000 {
+		t.Errorf("root expiry %v, want 1800000000", got)
+	}
+	if got, _ := value(t, m, "csi_agent_controller_leader", nil); got != 0 {
+		t.Errorf("leader %v after losing the lease", got)
+	}
+}
