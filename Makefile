@@ -24,7 +24,13 @@ FUZZ_TARGETS := \
 	./internal/ca:FuzzParseState \
 	./internal/records:FuzzParseJournal \
 	./internal/ca:FuzzUpstreamParse \
-	./workloadapi:FuzzSelectSecrets
+	./workloadapi:FuzzSelectSecrets \
+	./internal/ca:FuzzParseKeyPair \
+	./internal/ca:FuzzParseTrust \
+	./internal/cluster:FuzzParseJWKS \
+	./internal/controller/rootca:FuzzDecode \
+	./internal/controller/csrcheck:FuzzParseRequest \
+	./internal/podcert:FuzzParseRequest
 
 .PHONY: all build test unit fuzz e2e cluster-e2e spire-interop kind-e2e soak bench vet image clean
 
@@ -68,9 +74,12 @@ e2e:
 	bash tests/e2e/run.sh --spiffe-csi
 
 # Controller replicas and node agents in cluster mode on a real
-# kube-apiserver (etcd + kube-apiserver only, ports 19443/25379; root).
+# kube-apiserver (etcd + kube-apiserver only, ports 19443/25379; root); then the
+# agent's cluster client (17443/23379) and the PodCertificateRequest signer
+# (18443/24379), each on its own control plane.
 cluster-e2e:
 	bash tests/e2e/cluster/run.sh
+	cd tests/e2e && $(GO) test -count=1 -timeout 15m ./clusterca/ ./podcert/
 
 kind-e2e:
 	bash tests/kind-e2e.sh

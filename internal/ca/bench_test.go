@@ -10,6 +10,8 @@ import (
 	"net/url"
 	"testing"
 	"time"
+
+	"github.com/csi-agent/csi-agent/internal/x509util"
 )
 
 func BenchmarkMintX509SVID(b *testing.B) {
@@ -32,7 +34,7 @@ func BenchmarkBareCreateCertificate(b *testing.B) {
 	leafKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	now := time.Now()
 	tmpl := func() *x509.Certificate {
-		serial, _ := randomSerial()
+		serial, _ := x509util.Serial()
 		return &x509.Certificate{
 			SerialNumber:          serial,
 			Subject:               pkix.Name{Organization: []string{subjectOrg}},

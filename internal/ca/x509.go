@@ -9,13 +9,14 @@ import (
 	"crypto/x509/pkix"
 	"errors"
 	"fmt"
-	"math/big"
 	"net/url"
 	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/csi-agent/csi-agent/internal/x509util"
 )
 
 // subject of every certificate we issue. A non-empty subject keeps older TLS
@@ -45,11 +46,11 @@ func (a *Authority) MintX509SVID(ctx context.Context, id spiffeid.ID, dnsNames [
 	if err != nil {
 		return nil, fmt.Errorf("ca: generate X.509-SVID key: %w", err)
 	}
-	serial, err := randomSerial()
+	serial, err := x509util.Serial()
 	if err != nil {
 		return nil, err
 	}
-	notBefore, notAfter, err := validity(now, a.x509TTL, inter.cert)
+	notBefore, notAfter, err := x509util.Validity(now, backdate, a.x509TTL, inter.cert)
 	if err != nil {
 		return nil, err
 	}
@@ -93,40 +94,6 @@ func (a *Authority) checkID(id spiffeid.ID) error {
 	return nil
 }
 
-// validity is [now-backdate, now+ttl] clamped inside the parent's validity,
-// so no certificate ever outlives its issuer.
-func validity(now time.Time, ttl time.Duration, parent *x509.Certificate) (notBefore, notAfter time.Time, err error) {
-	notBefore = now.Add(-backdate)
-	if notBefore.Before(parent.NotBefore) {
-		notBefore = parent.NotBefore
-	}
-	notAfter = now.Add(ttl)
-	if notAfter.After(parent.NotAfter) {
-		notAfter = parent.NotAfter
-	}
-	// X.509 has second precision: round inwards so the clamp survives encoding.
-	if nb := notBefore.Truncate(time.Second); nb.Before(notBefore) {
-		notBefore = nb.Add(time.Second)
-	}
-	notAfter = notAfter.Truncate(time.Second)
-	if !notAfter.After(now) || !notAfter.After(notBefore) {
-		return notBefore, notAfter, fmt.Errorf("ca: issuing CA %q expires at %s, too soon to issue from",
-			parent.Subject, parent.NotAfter.UTC().Format(time.RFC3339))
-	}
-	return notBefore, notAfter, nil
-}
-
-// randomSerial is a positive 128-bit serial number.
-func randomSerial() (*big.Int, error) {
-	b := make([]byte, 16)
-	if _, err := rand.Read(b); err != nil {
-		return nil, fmt.Errorf("ca: serial number: %w", err)
-	}
-	b[0] &= 0x7f // positive in DER without a leading zero byte
-	b[0] |= 0x40 // never zero, always the full 127 bits wide
-	return new(big.Int).SetBytes(b), nil
-}
-
 // newIntermediate issues the in-memory intermediate that signs leaves. It is
 // rotated at half of its actual lifetime.
 func newIntermediate(td spiffeid.TrustDomain, parent *signingCA, now time.Time, ttl time.Duration) (*signingCA, time.Time, error) {
@@ -137,11 +104,11 @@ func newIntermediate(td spiffeid.TrustDomain, parent *signingCA, now time.Time, 
 	if err != nil {
 		return nil, time.Time{}, fmt.Errorf("ca: generate intermediate key: %w", err)
 	}
-	serial, err := randomSerial()
+	serial, err := x509util.Serial()
 	if err != nil {
 		return nil, time.Time{}, err
 	}
-	notBefore, notAfter, err := validity(now, ttl, parent.cert)
+	notBefore, notAfter, err := x509util.Validity(now, backdate, ttl, parent.cert)
 	if err != nil {
 		return nil, time.Time{}, err
 	}
@@ -175,7 +142,7 @@ func newRoot(td spiffeid.TrustDomain, now time.Time) (*signingCA, error) {
 	if err != nil {
 		return nil, fmt.Errorf("ca: generate root key: %w", err)
 	}
-	serial, err := randomSerial()
+	serial, err := x509util.Serial()
 	if err != nil {
 		return nil, err
 	}

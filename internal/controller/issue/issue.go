@@ -14,11 +14,12 @@ import (
 	"crypto/x509/pkix"
 	"errors"
 	"fmt"
-	"math/big"
 	"net/url"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/csi-agent/csi-agent/internal/x509util"
 )
 
 // Parent is a CA that signs: its certificate and private key.
@@ -89,11 +90,11 @@ func sign(p Parent, tmpl *x509.Certificate, pub crypto.PublicKey, now time.Time,
 	if p.Cert == nil || p.Key == nil {
 		return nil, errors.New("issue: no signing CA")
 	}
-	notBefore, notAfter, err := Validity(now, ttl, p.Cert)
+	notBefore, notAfter, err := x509util.Validity(now, 0, ttl, p.Cert)
 	if err != nil {
 		return nil, err
 	}
-	serial, err := Serial()
+	serial, err := x509util.Serial()
 	if err != nil {
 		return nil, err
 	}
@@ -109,39 +110,6 @@ func sign(p Parent, tmpl *x509.Certificate, pub crypto.PublicKey, now time.Time,
 	return cert, nil
 }
 
-// Validity is [now, now+ttl] inside the parent's validity, in whole seconds
-// (what X.509 encodes), so nothing outlives its issuer.
-func Validity(now time.Time, ttl time.Duration, parent *x509.Certificate) (notBefore, notAfter time.Time, err error) {
-	if ttl <= 0 {
-		return time.Time{}, time.Time{}, fmt.Errorf("issue: lifetime %s is not positive", ttl)
-	}
-	notBefore = now.Truncate(time.Second)
-	if notBefore.Before(parent.NotBefore) {
-		notBefore = parent.NotBefore
-	}
-	notAfter = now.Add(ttl)
-	if notAfter.After(parent.NotAfter) {
-		notAfter = parent.NotAfter
-	}
-	notAfter = notAfter.Truncate(time.Second)
-	if !notAfter.After(now) || !notAfter.After(notBefore) {
-		return notBefore, notAfter, fmt.Errorf("issue: signing CA %q expires at %s, too soon to issue from",
-			parent.Subject, parent.NotAfter.UTC().Format(time.RFC3339))
-	}
-	return notBefore, notAfter, nil
-}
-
-// Serial is a random positive 128-bit serial number.
-func Serial() (*big.Int, error) {
-	b := make([]byte, 16)
-	if _, err := rand.Read(b); err != nil {
-		return nil, fmt.Errorf("issue: serial number: %w", err)
-	}
-	b[0] &= 0x7f // positive in DER
-	b[0] |= 0x40 // never zero, always full width
-	return new(big.Int).SetBytes(b), nil
-}
-
 // Root makes a self-signed root CA for td, valid for ttl from now: it signs
 // node intermediates (path length 1) and pod certificates.
 func Root(td spiffeid.TrustDomain, now time.Time, ttl time.Duration) (Parent, error) {
@@ -149,7 +117,7 @@ func Root(td spiffeid.TrustDomain, now time.Time, ttl time.Duration) (Parent, er
 	if err != nil {
 		return Parent{}, fmt.Errorf("issue: generate root key: %w", err)
 	}
-	serial, err := Serial()
+	serial, err := x509util.Serial()
 	if err != nil {
 		return Parent{}, err
 	}
