@@ -32,7 +32,7 @@ FUZZ_TARGETS := \
 	./internal/controller/csrcheck:FuzzParseRequest \
 	./internal/podcert:FuzzParseRequest
 
-.PHONY: all build test unit fuzz e2e cluster-e2e spire-interop kind-e2e soak bench vet image clean
+.PHONY: all build test unit fuzz e2e e2e-oldest cluster-e2e spire-interop kind-e2e soak bench vet image clean
 
 all: build
 
@@ -66,12 +66,17 @@ fuzz:
 spire-interop:
 	cd tests/spire && $(GO) test -count=1 -v -timeout 45m ./...
 
-# The full suite on the current Kubernetes, then the smoke on the oldest
-# supported one, then spiffe-csi's workload manifest on the drop-in.
+# The full suite on the current Kubernetes, then spiffe-csi's workload
+# manifest on the drop-in.
 e2e:
 	bash tests/e2e/run.sh
-	bash tests/e2e/run.sh --oldest
 	bash tests/e2e/run.sh --spiffe-csi
+
+# The smoke on the oldest supported Kubernetes (v1.33.13). Not in `make test`:
+# its kubelet + kube-apiserver build (~13 CPU-minutes cold) does not fit CI's
+# 40-minute cold budget next to the SPIRE build; run it before a release.
+e2e-oldest:
+	bash tests/e2e/run.sh --oldest
 
 # Controller replicas and node agents in cluster mode on a real
 # kube-apiserver (etcd + kube-apiserver only, ports 19443/25379; root); then the

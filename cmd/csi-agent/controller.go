@@ -44,7 +44,7 @@ func runController(ctx context.Context, args []string, stderr io.Writer) error {
 type controllerOptions struct {
 	version string
 	// listening, if set, is told the bound addresses (port 0 in tests).
-	metricsListening, oidcListening func(net.Addr)
+	metricsListening, oidcListening, bundleListening func(net.Addr)
 }
 
 // runControllerConfig wires the controller: every replica serves OIDC
@@ -112,6 +112,16 @@ func runControllerConfig(ctx context.Context, cfg config.Config, opts controller
 			}
 		}
 	}
+	serveBundle, bundleLn, bundleReady, err := controllerBundleEndpoint(cfg, td, client, ctrl.Holder())
+	if err != nil {
+		return err
+	}
+	if bundleLn != nil {
+		defer bundleLn.Close()
+		if opts.bundleListening != nil {
+			opts.bundleListening(bundleLn.Addr())
+		}
+	}
 	tasks := []leader.Task{ctrl.Run}
 	if cfg.Controller.PodCertificatesEnabled() {
 		set, err := cfg.Rules(td)
@@ -143,20 +153,34 @@ func runControllerConfig(ctx context.Context, cfg config.Config, opts controller
 	g.Go(func() error { return keys.Run(ctx) })
 	g.Go(func() error { return leader.Run(ctx, client, lopts, tasks...) })
 	if metricsLn != nil {
-		h := m.Handler(metrics.Check{Name: "jwks", Ready: func() error {
+		checks := []metrics.Check{{Name: "jwks", Ready: func() error {
 			if !keys.Synced() {
 				return errors.New("the JWKS ConfigMap has not been read yet")
 			}
 			return nil
-		}})
+		}}}
+		if bundleReady != nil {
+			// A Service routes the bundle endpoint to ready replicas only.
+			checks = append(checks, metrics.Check{Name: "bundle", Ready: func() error {
+				if !bundleReady() {
+					return errors.New("the ClusterTrustBundle and the JWKS ConfigMap have not been read yet")
+				}
+				return nil
+			}})
+		}
+		h := m.Handler(checks...)
 		g.Go(func() error { return metrics.Serve(ctx, metricsLn, h) })
+	}
+	if serveBundle != nil {
+		g.Go(func() error { return serveBundle(ctx) })
 	}
 	if oidcLn != nil {
 		// The metrics listener's server: the same timeouts suit.
 		g.Go(func() error { return metrics.Serve(ctx, oidcLn, oidcHandler) })
 	}
 	klog.InfoS("Controller started", "version", opts.version, "trust_domain", td.String(), "namespace", cfg.Controller.Namespace,
-		"identity", cfg.Controller.Identity, "metrics_addr", cfg.Metrics.Addr, "oidc_addr", cfg.Controller.OIDC.Addr)
+		"identity", cfg.Controller.Identity, "metrics_addr", cfg.Metrics.Addr, "oidc_addr", cfg.Controller.OIDC.Addr,
+		"bundle_endpoint_addr", cfg.Controller.BundleEndpoint.Address)
 	err = g.Wait()
 	if err != nil && !errors.Is(err, context.Canceled) {
 		klog.ErrorS(err, "Controller stopped")

@@ -64,6 +64,9 @@ type Client struct {
 	// jwksRV is the ConfigMap version last parsed, so that a bad one is
 	// reported once.
 	jwksRV string
+	// rev is the largest resourceVersion of the objects trust was built
+	// from (revision.go).
+	rev uint64
 
 	ctbs, jwks cache.SharedIndexInformer
 }
@@ -92,11 +95,19 @@ func RESTConfig(kubeconfig string) (*rest.Config, error) {
 
 // New returns a client over cs; Run watches the trust.
 func New(cs kubernetes.Interface, opts Options) (*Client, error) {
+	if opts.NodeName == "" {
+		return nil, errors.New("clusterca: node name is required")
+	}
+	return NewTrust(cs, opts)
+}
+
+// NewTrust returns a client that only watches the trust (Run, Trust,
+// TrustRevision): the controller's bundle endpoint, which is no node and
+// never signs through it.
+func NewTrust(cs kubernetes.Interface, opts Options) (*Client, error) {
 	switch {
 	case opts.TrustDomain.IsZero():
 		return nil, errors.New("clusterca: trust domain is required")
-	case opts.NodeName == "":
-		return nil, errors.New("clusterca: node name is required")
 	case opts.Namespace == "" || opts.IntermediateSigner == "" || opts.JWTKeySigner == "" || opts.BundleSigner == "":
 		return nil, errors.New("clusterca: namespace and signer names are required")
 	}
@@ -164,11 +175,13 @@ func (c *Client) refresh() {
 		return // Run refreshes once both are listed
 	}
 	var roots []*x509.Certificate
+	var rev uint64
 	for _, o := range c.ctbs.GetStore().List() {
 		ctb, ok := o.(*certv1.ClusterTrustBundle)
 		if !ok {
 			continue
 		}
+		rev = max(rev, resourceRevision(ctb.ResourceVersion))
 		certs, err := ca.ParseCertificatesPEM([]byte(ctb.Spec.TrustBundle))
 		if err != nil {
 			klog.ErrorS(err, "ClusterTrustBundle not used", "cluster_trust_bundle", ctb.Name)
@@ -182,6 +195,9 @@ func (c *Client) refresh() {
 		keys, c.jwksRV = nil, ""
 	default:
 		cm, _ := objs[0].(*corev1.ConfigMap)
+		if cm != nil {
+			rev = max(rev, resourceRevision(cm.ResourceVersion))
+		}
 		if cm == nil || cm.ResourceVersion == c.jwksRV {
 			break
 		}
@@ -200,6 +216,7 @@ func (c *Client) refresh() {
 		keys = parsed
 	}
 	next := ca.Trust{Roots: roots, JWTKeys: keys}
+	c.rev = max(c.rev, rev)
 	if c.told && sameTrust(c.trust, next) {
 		return
 	}

@@ -15,6 +15,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/validation"
 
 	"github.com/csi-agent/csi-agent/internal/cluster"
+	"github.com/csi-agent/csi-agent/internal/clusterca"
 	"github.com/csi-agent/csi-agent/internal/controller"
 	"github.com/csi-agent/csi-agent/internal/controller/leader"
 	"github.com/csi-agent/csi-agent/internal/podcert"
@@ -36,6 +37,9 @@ const (
 	// controller may get it, not watch it.
 	DefaultControllerRootPoll = 10 * time.Second
 	DefaultControllerWorkers  = 2
+	// DefaultControllerBundleEndpointSVIDTTL is the life of the bundle
+	// endpoint's serving X.509-SVID (https_spiffe), renewed at half life.
+	DefaultControllerBundleEndpointSVIDTTL = time.Hour
 	// API client rates. Pod certificates get their own client: a burst of
 	// pod starts must not delay the Lease renewals and CSRs.
 	DefaultControllerQPS   = 20
@@ -70,6 +74,10 @@ type Controller struct {
 	RetryPeriod          Duration        `json:"retryPeriod"`
 	OIDC                 OIDC            `json:"oidc"`
 	PodCertificates      PodCertificates `json:"podCertificates"`
+	// BundleEndpoint is the trust domain's SPIFFE bundle endpoint in
+	// cluster mode, served by every replica; the agent's top-level
+	// bundleEndpoint, same fields and checks.
+	BundleEndpoint BundleEndpoint `json:"bundleEndpoint"`
 }
 
 // OIDC configures the discovery endpoint; off while Addr is empty.
@@ -277,6 +285,30 @@ func (c *Config) ControllerOptions(td spiffeid.TrustDomain) controller.Options {
 		RetainPrevious:         cc.retainPrevious(),
 		RootPoll:               DefaultControllerRootPoll,
 		Workers:                DefaultControllerWorkers,
+	}
+}
+
+// ControllerTrustOptions configure the controller's watch of the published
+// trust (controller.bundleEndpoint): the agents' informers, no node.
+func (c *Config) ControllerTrustOptions(td spiffeid.TrustDomain) clusterca.Options {
+	cc := c.Controller
+	return clusterca.Options{
+		TrustDomain:        td,
+		Namespace:          cc.Namespace,
+		IntermediateSigner: cc.IntermediateSigner,
+		JWTKeySigner:       cc.JWTKeySigner,
+		BundleSigner:       cc.SVIDSigner,
+	}
+}
+
+// ControllerEndpointSVIDOptions configure the controller bundle endpoint's
+// X.509-SVID (https_spiffe).
+func (c *Config) ControllerEndpointSVIDOptions(td spiffeid.TrustDomain) controller.EndpointSVIDOptions {
+	return controller.EndpointSVIDOptions{
+		TrustDomain: td,
+		Namespace:   c.Controller.Namespace,
+		RootSecret:  c.Controller.RootSecret,
+		TTL:         DefaultControllerBundleEndpointSVIDTTL,
 	}
 }
 

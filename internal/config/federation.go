@@ -134,6 +134,9 @@ func (c *Config) validateFederation() error {
 	if err := c.BundleEndpoint.validate(td); err != nil {
 		return err
 	}
+	if err := c.Controller.BundleEndpoint.validate(td); err != nil {
+		return fmt.Errorf("controller.%w", err) // the messages start with the field
+	}
 	return c.FederationRefresh.validate()
 }
 
@@ -152,7 +155,16 @@ func (c *Config) FederationOptions(td spiffeid.TrustDomain) federation.Options {
 // bundle and SVID sources, which the wiring adds; ok is false when the
 // endpoint is off.
 func (c *Config) BundleEndpointOptions(td spiffeid.TrustDomain) (opts endpoint.ServerOptions, ok bool) {
-	b := c.BundleEndpoint
+	return c.BundleEndpoint.options(td)
+}
+
+// ControllerBundleEndpointOptions are BundleEndpointOptions for the
+// controller's controller.bundleEndpoint.
+func (c *Config) ControllerBundleEndpointOptions(td spiffeid.TrustDomain) (opts endpoint.ServerOptions, ok bool) {
+	return c.Controller.BundleEndpoint.options(td)
+}
+
+func (b BundleEndpoint) options(td spiffeid.TrustDomain) (opts endpoint.ServerOptions, ok bool) {
 	if b.Address == "" {
 		return endpoint.ServerOptions{}, false
 	}

@@ -55,6 +55,27 @@ func TestFederationConfig(t *testing.T) {
 		{name: "ID of another trust domain", yaml: "bundleEndpoint: {address: ':8443', spiffeID: 'spiffe://other.org/x'}", wantErr: `bundleEndpoint.spiffeID: "spiffe://other.org/x" is not in our trust domain example.org`},
 		{name: "bad ID", yaml: "bundleEndpoint: {address: ':8443', spiffeID: 'be'}", wantErr: `bundleEndpoint.spiffeID: "be"`},
 		{name: "tiny hint", yaml: "bundleEndpoint: {address: ':8443', refreshHint: 10ms}", wantErr: "bundleEndpoint.refreshHint: must be at least 1s"},
+		{name: "controller https_web", yaml: "controller: {bundleEndpoint: {address: ':8443', profile: https_web, certFile: /c, keyFile: /k}}", check: func(t *testing.T, c Config) {
+			o, ok := c.ControllerBundleEndpointOptions(td)
+			if !ok || o.Profile != endpoint.ProfileHTTPSWeb || o.CertFile != "/c" || o.KeyFile != "/k" {
+				t.Errorf("controller options %+v, %v", o, ok)
+			}
+			if _, ok := c.BundleEndpointOptions(td); ok {
+				t.Error("the agent's bundle endpoint is on")
+			}
+		}},
+		{name: "controller https_spiffe by default", yaml: "controller: {bundleEndpoint: {address: ':8443'}}", check: func(t *testing.T, c Config) {
+			o, ok := c.ControllerBundleEndpointOptions(td)
+			if !ok || o.Profile != endpoint.ProfileHTTPSSPIFFE || o.SPIFFEID.String() != "spiffe://example.org"+DefaultBundleEndpointID {
+				t.Errorf("controller options %+v, %v", o, ok)
+			}
+		}},
+		{name: "controller checked like the agent", yaml: "controller: {bundleEndpoint: {address: ':8443', profile: https_web}}", wantErr: "controller.bundleEndpoint.certFile: profile https_web needs certFile and keyFile"},
+		{name: "controller off by default", yaml: "trustDomain: example.org", check: func(t *testing.T, c Config) {
+			if _, ok := c.ControllerBundleEndpointOptions(td); ok {
+				t.Error("controller bundle endpoint on by default")
+			}
+		}},
 		{name: "tiny refresh", yaml: "federationRefresh: {min: 1ms}", wantErr: "federationRefresh.min: must be at least 1s"},
 		{name: "reversed refresh", yaml: "federationRefresh: {min: 1h, max: 1m}", wantErr: "federationRefresh.max: 1m0s is below min 1h0m0s"},
 	}
