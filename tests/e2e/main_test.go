@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -61,7 +62,7 @@ func agentOverrides() map[string]any {
 	for _, ns := range defaultIDNamespaces {
 		nsRules = append(nsRules, map[string]any{"selectors": []any{"k8s:ns:" + ns}})
 	}
-	return map[string]any{
+	o := map[string]any{
 		"ca": map[string]any{"x509SVIDTTL": "30s"},
 		"svids": []any{
 			map[string]any{"spiffeID": "/ns/{kubernetes.namespace}/sa/{kubernetes.service_account}", "rules": nsRules},
@@ -73,7 +74,22 @@ func agentOverrides() map[string]any {
 			}},
 		},
 	}
+	// The API lets a pod certificate refresh no sooner than 10 minutes after
+	// issue, and the kubelet adds jitter: a rotation costs ~13 minutes, so
+	// only `make e2e-podcert-rotation` asks for one.
+	if f := os.Getenv(podCertRefreshEnv); f != "" {
+		v, err := strconv.ParseFloat(f, 64)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "%s=%q: %v\n", podCertRefreshEnv, f, err)
+			os.Exit(2)
+		}
+		o["controller"] = map[string]any{"podCertificates": map[string]any{"refreshFraction": v}}
+	}
+	return o
 }
+
+// podCertRefreshEnv sets controller.podCertificates.refreshFraction.
+const podCertRefreshEnv = "CSI_AGENT_E2E_PODCERT_REFRESH"
 
 func TestMain(m *testing.M) {
 	flag.Parse()
