@@ -235,18 +235,9 @@ func ControllerFromArgs(args []string, getenv func(string) string, usage io.Writ
 	}
 	configPath := fs.String("config", "", "YAML config file (trustDomain, metrics, logging and the controller section)")
 	kubeconfig := fs.String("kubeconfig", "", "kubeconfig file; empty: controller.kubeconfig, else in-cluster")
-	if err := fs.Parse(args); err != nil {
-		return Default(), err
-	}
-	if fs.NArg() > 0 {
-		return Default(), fmt.Errorf("unexpected argument %q", fs.Arg(0))
-	}
-	cfg := Default()
-	if *configPath != "" {
-		var err error
-		if cfg, err = Load(*configPath); err != nil {
-			return cfg, err
-		}
+	cfg, err := parseAndLoad(fs, args, configPath)
+	if err != nil {
+		return cfg, err
 	}
 	if *kubeconfig != "" {
 		cfg.Controller.Kubeconfig = *kubeconfig

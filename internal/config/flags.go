@@ -69,19 +69,9 @@ func FromArgs(args []string, getenv func(string) string, usage io.Writer, extra 
 	str("metrics-addr", "host:port of /metrics, /livez and /readyz (HTTP); empty (default) turns them off", func(c *Config, v string) { c.Metrics.Addr = v })
 	str("logging-format", "log format: text or json (default text)", func(c *Config, v string) { c.Logging.Format = v })
 
-	if err := fs.Parse(args); err != nil {
-		return Default(), err
-	}
-	if fs.NArg() > 0 {
-		return Default(), fmt.Errorf("unexpected argument %q", fs.Arg(0))
-	}
-
-	cfg := Default()
-	if *configPath != "" {
-		var err error
-		if cfg, err = Load(*configPath); err != nil {
-			return cfg, err
-		}
+	cfg, err := parseAndLoad(fs, args, configPath)
+	if err != nil {
+		return cfg, err
 	}
 	var devDir string
 	if *dev {
@@ -238,4 +228,19 @@ func parseBool(v string) (bool, error) {
 		return false, fmt.Errorf("not a boolean: %q", v)
 	}
 	return b, nil
+}
+
+// parseAndLoad parses args into fs and loads the --config file they name;
+// without one, the defaults.
+func parseAndLoad(fs *flag.FlagSet, args []string, configPath *string) (Config, error) {
+	if err := fs.Parse(args); err != nil {
+		return Default(), err
+	}
+	if fs.NArg() > 0 {
+		return Default(), fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	if *configPath == "" {
+		return Default(), nil
+	}
+	return Load(*configPath)
 }
