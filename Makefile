@@ -2,35 +2,42 @@
 GO        ?= go
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -s -w -X main.version=$(VERSION)
-FUZZTIME  ?= 8s
+FUZZTIME  ?=
 IMAGE     ?= csi-agent:$(VERSION)
 
-# Every parser of untrusted text, as package:Func; each fuzzes for FUZZTIME
-# in `make fuzz` (the seed corpora also run in every `go test`).
+# Every parser of untrusted text, as package:Func:executions. `make fuzz`
+# runs each for that many executions (about 8 s each on a 2-core machine);
+# the seed corpora also run in every `go test`. Counts, not durations: a
+# duration -fuzztime is a context deadline in Go's fuzz coordinator, and
+# when that deadline fires the coordinator can read the parent context's
+# error before the workers' context is cancelled and fail the target with
+# a bare "context deadline exceeded" having found nothing (go1.26.8
+# internal/fuzz stop()). A count sets a limit instead and has no deadline.
+# FUZZTIME=60s overrides every count for a longer local run.
 FUZZ_TARGETS := \
-	./attestor/k8s:FuzzParseCgroup \
-	./attestor/k8s:FuzzParsePodList \
-	./attestor/unix:FuzzParseStatus \
-	./attestor/unix:FuzzParseIDNames \
-	./internal/peer:FuzzParseStat \
-	./csi:FuzzValidatePublish \
-	./csi:FuzzSplitTarget \
-	./internal/config:FuzzParse \
-	./internal/rules:FuzzCompileTemplate \
-	./internal/rules:FuzzSelector \
-	./internal/federation:FuzzParseBundle \
-	./internal/ca:FuzzParsePrivateKeyPEM \
-	./internal/ca:FuzzParseCertificatesPEM \
-	./internal/ca:FuzzParseState \
-	./internal/records:FuzzParseJournal \
-	./internal/ca:FuzzUpstreamParse \
-	./workloadapi:FuzzSelectSecrets \
-	./internal/ca:FuzzParseKeyPair \
-	./internal/ca:FuzzParseTrust \
-	./internal/cluster:FuzzParseJWKS \
-	./internal/controller/rootca:FuzzDecode \
-	./internal/controller/csrcheck:FuzzParseRequest \
-	./internal/podcert:FuzzParseRequest
+	./attestor/k8s:FuzzParseCgroup:20000 \
+	./attestor/k8s:FuzzParsePodList:25000 \
+	./attestor/unix:FuzzParseStatus:150000 \
+	./attestor/unix:FuzzParseIDNames:200000 \
+	./internal/peer:FuzzParseStat:75000 \
+	./csi:FuzzValidatePublish:1500 \
+	./csi:FuzzSplitTarget:6000 \
+	./internal/config:FuzzParse:9000 \
+	./internal/rules:FuzzCompileTemplate:150000 \
+	./internal/rules:FuzzSelector:250000 \
+	./internal/federation:FuzzParseBundle:20000 \
+	./internal/ca:FuzzParsePrivateKeyPEM:150000 \
+	./internal/ca:FuzzParseCertificatesPEM:75000 \
+	./internal/ca:FuzzParseState:75000 \
+	./internal/records:FuzzParseJournal:200000 \
+	./internal/ca:FuzzUpstreamParse:75000 \
+	./workloadapi:FuzzSelectSecrets:20000 \
+	./internal/ca:FuzzParseKeyPair:150000 \
+	./internal/ca:FuzzParseTrust:40000 \
+	./internal/cluster:FuzzParseJWKS:200000 \
+	./internal/controller/rootca:FuzzDecode:100000 \
+	./internal/controller/csrcheck:FuzzParseRequest:60000 \
+	./internal/podcert:FuzzParseRequest:20000
 
 .PHONY: all build test unit fuzz e2e e2e-oldest e2e-podcert-rotation cluster-e2e spire-interop kind-e2e soak bench vet image clean
 
@@ -55,9 +62,10 @@ unit:
 
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \
-		pkg=$${t%%:*}; fn=$${t##*:}; \
-		echo "fuzz $$pkg $$fn ($(FUZZTIME))"; \
-		$(GO) test -run '^$$' -fuzz "^$$fn$$" -fuzztime $(FUZZTIME) $$pkg; \
+		pkg=$${t%%:*}; rest=$${t#*:}; fn=$${rest%%:*}; n=$${rest#*:}x; \
+		budget=$(if $(FUZZTIME),$(FUZZTIME),$$n); \
+		echo "fuzz $$pkg $$fn ($$budget)"; \
+		$(GO) test -run '^$$' -fuzz "^$$fn$$" -fuzztime $$budget $$pkg; \
 	done
 
 # Federation with a real SPIRE (tests/spire, its own module): SPIRE is built
