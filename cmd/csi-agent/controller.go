@@ -67,8 +67,7 @@ func runControllerConfig(ctx context.Context, cfg config.Config, opts controller
 		return fmt.Errorf("kubernetes client: %w", err)
 	}
 
-	m := metrics.New(opts.version)
-	cm := m.Controller()
+	m := metrics.NewController(opts.version)
 	var metricsLn, oidcLn net.Listener
 	if cfg.Metrics.Addr != "" {
 		if metricsLn, err = metrics.Listen(cfg.Metrics.Addr); err != nil {
@@ -90,12 +89,12 @@ func runControllerConfig(ctx context.Context, cfg config.Config, opts controller
 	}
 
 	ctrlOpts := cfg.ControllerOptions(td)
-	ctrlOpts.Metrics = cm
+	ctrlOpts.Metrics = m
 	ctrl, err := controller.New(client, ctrlOpts)
 	if err != nil {
 		return err
 	}
-	cm.WatchRootExpiry(ctrl.Holder().Expiry)
+	m.WatchRootExpiry(ctrl.Holder().Expiry)
 	keys, err := controller.NewKeyWatcher(client, cfg.Controller.Namespace, cluster.JWKSConfigMap)
 	if err != nil {
 		return err
@@ -147,7 +146,7 @@ func runControllerConfig(ctx context.Context, cfg config.Config, opts controller
 		})
 	}
 	lopts := cfg.LeaderOptions()
-	lopts.OnLeader = cm.Leader
+	lopts.OnLeader = m.Leader
 
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return keys.Run(ctx) })

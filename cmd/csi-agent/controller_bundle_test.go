@@ -63,7 +63,7 @@ func TestControllerBundleEndpoint(t *testing.T) {
 			cfg.TrustDomain = td.Name()
 			cfg.Controller.BundleEndpoint = be
 			cfg.Controller = cfg.Controller.WithDefaults(func(string) string { return "" })
-			if err := cfg.Validate(); err != nil {
+			if err := cfg.ValidateController(); err != nil {
 				t.Fatal(err)
 			}
 			ns := cfg.Controller.Namespace

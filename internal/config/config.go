@@ -440,16 +440,38 @@ func jsonFields(t reflect.Type) map[string]reflect.Type {
 	return out
 }
 
-// Validate checks every field and returns the first problem, naming it.
-// Rules and federation sources are compiled by their own packages, which name
-// their fields; Validate covers everything else.
+// Validate checks every field the agent (`csi-agent run`) reads and returns
+// the first problem, naming it. Rules and federation sources are compiled by
+// their own packages, which name their fields. The controller section is
+// the controller's (ValidateController): the file is shared, and a mistake
+// there must not stop the agents on every node.
 func (c *Config) Validate() error {
+	if err := c.validateCommon(); err != nil {
+		return err
+	}
+	return c.validateAgent()
+}
+
+// validateCommon checks what both commands read.
+func (c *Config) validateCommon() error {
 	if _, err := spiffeid.TrustDomainFromString(c.TrustDomain); err != nil {
 		return fmt.Errorf("trustDomain: %q is not a valid trust domain: %w", c.TrustDomain, err)
 	}
 	if strings.ContainsAny(c.TrustDomain, ":/") {
 		return fmt.Errorf("trustDomain: give the bare name (example.org), not %q", c.TrustDomain)
 	}
+	if f := c.Logging.Format; f != LogFormatText && f != LogFormatJSON {
+		return fmt.Errorf("logging.format: must be %s or %s, got %q", LogFormatText, LogFormatJSON, f)
+	}
+	if a := c.Metrics.Addr; a != "" {
+		if _, port, err := net.SplitHostPort(a); err != nil || port == "" {
+			return fmt.Errorf("metrics.addr: must be host:port (such as 0.0.0.0:9808 or 127.0.0.1:9808), got %q", a)
+		}
+	}
+	return nil
+}
+
+func (c *Config) validateAgent() error {
 	checks := []struct {
 		field, value string
 	}{
@@ -474,14 +496,6 @@ func (c *Config) Validate() error {
 	}
 	if err := c.WorkloadAPI.Limits.validate(); err != nil {
 		return err
-	}
-	if f := c.Logging.Format; f != LogFormatText && f != LogFormatJSON {
-		return fmt.Errorf("logging.format: must be %s or %s, got %q", LogFormatText, LogFormatJSON, f)
-	}
-	if a := c.Metrics.Addr; a != "" {
-		if _, port, err := net.SplitHostPort(a); err != nil || port == "" {
-			return fmt.Errorf("metrics.addr: must be host:port (such as 0.0.0.0:9808 or 127.0.0.1:9808), got %q", a)
-		}
 	}
 	// sun_path holds 108 bytes including the terminating NUL.
 	if n := len(c.WorkloadAPI.SocketPath()); n > 107 {
@@ -551,9 +565,6 @@ func (c *Config) Validate() error {
 		return errors.New("ca.upstreamCertFile: upstreamCertFile and upstreamKeyFile go together")
 	}
 	if err := c.validateCA(); err != nil {
-		return err
-	}
-	if err := c.Controller.validate(); err != nil {
 		return err
 	}
 	if err := c.validateFederation(); err != nil {

@@ -243,18 +243,33 @@ func ControllerFromArgs(args []string, getenv func(string) string, usage io.Writ
 		cfg.Controller.Kubeconfig = *kubeconfig
 	}
 	cfg.Controller = cfg.Controller.WithDefaults(getenv)
-	// The file is the agents' too (deploy/kind): its CSI settings want a
-	// node name, which the Deployment gives as the agents' DaemonSet does.
-	if cfg.NodeName == "" {
-		cfg.NodeName = getenv(DefaultNodeNameEnv)
-	}
-	if err := cfg.Validate(); err != nil {
+	if err := cfg.ValidateController(); err != nil {
 		return cfg, err
 	}
-	if cfg.Controller.Identity == "" {
-		return cfg, fmt.Errorf("controller.identity: required: set it, or $%s, or give the host a name", PodNameEnv)
-	}
 	return cfg, nil
+}
+
+// ValidateController checks every field `csi-agent controller` reads: the
+// trust domain, logging, metrics and the controller section. The agents'
+// sections of a shared file are the agents' to check (Validate).
+func (c *Config) ValidateController() error {
+	if err := c.validateCommon(); err != nil {
+		return err
+	}
+	if err := c.Controller.validate(); err != nil {
+		return err
+	}
+	td, err := c.TrustDomainID()
+	if err != nil {
+		return err
+	}
+	if err := c.Controller.BundleEndpoint.validate(td); err != nil {
+		return fmt.Errorf("controller.%w", err) // the messages start with the field
+	}
+	if c.Controller.Identity == "" {
+		return fmt.Errorf("controller.identity: required: set it, or $%s, or give the host a name", PodNameEnv)
+	}
+	return nil
 }
 
 // ControllerOptions configure the controller's leader work.

@@ -124,6 +124,7 @@ func TestControllerInvalid(t *testing.T) {
 		{"oidc issuer query", "controller: {oidc: {addr: ':8443', issuer: 'https://x.org/?a=1'}}", "controller.oidc.issuer"},
 		{"refresh fraction", "controller: {podCertificates: {refreshFraction: 1}}", "controller.podCertificates.refreshFraction"},
 		{"oidc TLS half", "controller: {oidc: {certFile: /c}}", "controller.oidc.certFile"},
+		{"bundle endpoint", "controller: {bundleEndpoint: {address: ':8443', profile: https_web}}", "controller.bundleEndpoint.certFile: profile https_web needs certFile and keyFile"},
 		{"unknown field", "controller: {rootTTl: 1h}", "controller.rootTTl: unknown field"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
@@ -132,17 +133,46 @@ func TestControllerInvalid(t *testing.T) {
 			if err == nil || !strings.Contains(err.Error(), tt.field) {
 				t.Fatalf("error %v, want one naming %q", err, tt.field)
 			}
-			// The agent's validation refuses the same section.
+			// The agents share the file but not the section: a mistake
+			// there stops the controller, never the agent on every node.
 			if tt.name != "unknown field" {
 				cfg, perr := Parse([]byte(tt.yaml))
 				if perr != nil {
 					t.Fatal(perr)
 				}
-				if err := cfg.Validate(); err == nil || !strings.Contains(err.Error(), tt.field) {
-					t.Fatalf("Validate: %v, want an error naming %q", err, tt.field)
+				cfg.NodeName = "node-a"
+				if err := cfg.Validate(); err != nil {
+					t.Fatalf("the agent's Validate: %v, want nil (the controller section is not the agent's)", err)
 				}
 			}
 		})
+	}
+}
+
+// The controller reads no node settings: a file whose agent sections want a
+// node name (CSI on, cluster mode) loads without one.
+func TestControllerNeedsNoNodeName(t *testing.T) {
+	yaml := "trustDomain: example.org\ncsi: {socket: /csi/csi.sock}\nca: {mode: cluster}\n"
+	p := writeConfig(t, yaml)
+	if _, err := ControllerFromArgs([]string{"--config", p}, env(map[string]string{PodNameEnv: "ctl-0"}), io.Discard); err != nil {
+		t.Fatalf("controller without a node name: %v", err)
+	}
+	cfg, err := Parse([]byte(yaml))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cfg.Validate(); err == nil || !strings.Contains(err.Error(), "nodeName") {
+		t.Fatalf("the agent's Validate without a node name: %v, want an error naming nodeName", err)
+	}
+	// The agent's sections are not the controller's to refuse.
+	p = writeConfig(t, "trustDomain: example.org\nworkloadAPI: {socketName: a/b}\nlogging: {format: json}\n")
+	if _, err := ControllerFromArgs([]string{"--config", p}, env(nil), io.Discard); err != nil {
+		t.Fatalf("controller with a bad agent section: %v", err)
+	}
+	// What both read, both check.
+	p = writeConfig(t, "trustDomain: example.org\nlogging: {format: xml}\n")
+	if _, err := ControllerFromArgs([]string{"--config", p}, env(nil), io.Discard); err == nil || !strings.Contains(err.Error(), "logging.format") {
+		t.Fatalf("controller with logging.format xml: %v, want an error naming it", err)
 	}
 }
 

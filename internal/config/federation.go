@@ -134,9 +134,6 @@ func (c *Config) validateFederation() error {
 	if err := c.BundleEndpoint.validate(td); err != nil {
 		return err
 	}
-	if err := c.Controller.BundleEndpoint.validate(td); err != nil {
-		return fmt.Errorf("controller.%w", err) // the messages start with the field
-	}
 	return c.FederationRefresh.validate()
 }
 

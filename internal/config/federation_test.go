@@ -70,7 +70,6 @@ func TestFederationConfig(t *testing.T) {
 				t.Errorf("controller options %+v, %v", o, ok)
 			}
 		}},
-		{name: "controller checked like the agent", yaml: "controller: {bundleEndpoint: {address: ':8443', profile: https_web}}", wantErr: "controller.bundleEndpoint.certFile: profile https_web needs certFile and keyFile"},
 		{name: "controller off by default", yaml: "trustDomain: example.org", check: func(t *testing.T, c Config) {
 			if _, ok := c.ControllerBundleEndpointOptions(td); ok {
 				t.Error("controller bundle endpoint on by default")

@@ -6,19 +6,20 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// Controller holds the metrics of `csi-agent controller`, registered in
-// the registry of the Metrics it came from.
+// Controller holds the metrics of `csi-agent controller`, in a registry of
+// its own: the agent's series (streams, attestations, CSI) are not there.
 type Controller struct {
+	base
 	csrs    *prometheus.CounterVec
 	denials *prometheus.CounterVec
 	leader  prometheus.Gauge
-	reg     *prometheus.Registry
 }
 
-// Controller registers the controller's metrics.
-func (m *Metrics) Controller() *Controller {
+// NewController returns the controller's metrics, registered in a new
+// registry with the process's own series for version.
+func NewController(version string) *Controller {
 	c := &Controller{
-		reg: m.reg,
+		base: newBase(version),
 		csrs: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace, Name: "controller_csrs_total",
 			Help: "Node agent CSRs handled, by kind (intermediate, jwt-key) and result (approved, denied, issued, failed).",
@@ -32,7 +33,7 @@ func (m *Metrics) Controller() *Controller {
 			Help: "1 while this replica holds the controller lease, else 0.",
 		}),
 	}
-	m.reg.MustRegister(c.csrs, c.denials, c.leader)
+	c.reg.MustRegister(c.csrs, c.denials, c.leader)
 	return c
 }
 

@@ -1,16 +1,18 @@
 package metrics
 
 import (
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 )
 
 // value is the one series of name whose labels include want.
-func value(t *testing.T, m *Metrics, name string, want map[string]string) (float64, bool) {
+func value(t *testing.T, g prometheus.Gatherer, name string, want map[string]string) (float64, bool) {
 	t.Helper()
-	mfs, err := m.Registry().Gather()
+	mfs, err := g.Gather()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -46,8 +48,8 @@ func read(s *dto.Metric) float64 {
 }
 
 func TestControllerMetrics(t *testing.T) {
-	m := New("test")
-	c := m.Controller()
+	c := NewController("test")
+	m := c.Registry()
 	var expiry time.Time
 	c.WatchRootExpiry(func() time.Time { return expiry })
 	c.CSR("intermediate", "approved")
@@ -77,5 +79,44 @@ func TestControllerMetrics(t *testing.T) {
 	}
 	if got, _ := value(t, m, "csi_agent_controller_leader", nil); got != 0 {
 		t.Errorf("leader %v after losing the lease", got)
+	}
+}
+
+// Each command exports its own series only, plus the process's.
+func TestRegistriesApart(t *testing.T) {
+	names := func(g prometheus.Gatherer) map[string]bool {
+		mfs, err := g.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := map[string]bool{}
+		for _, mf := range mfs {
+			out[mf.GetName()] = true
+		}
+		return out
+	}
+	c := NewController("v1")
+	c.CSR("intermediate", "approved")
+	a := New("v1")
+	a.StreamsOpen(1)
+	a.Attested("unix", ResultOK)
+	ctl, agent := names(c.Registry()), names(a.Registry())
+	for _, n := range []string{"csi_agent_build_info", "go_goroutines"} {
+		if !ctl[n] || !agent[n] {
+			t.Errorf("%s: controller %v agent %v, want both", n, ctl[n], agent[n])
+		}
+	}
+	for n := range ctl {
+		if agent[n] && !strings.HasPrefix(n, "go_") && !strings.HasPrefix(n, "process_") && n != "csi_agent_build_info" {
+			t.Errorf("%s is in both registries", n)
+		}
+	}
+	for _, n := range []string{"csi_agent_workload_api_open_streams", "csi_agent_attestations_total"} {
+		if ctl[n] {
+			t.Errorf("the controller exports the agent's %s", n)
+		}
+	}
+	if !ctl["csi_agent_controller_csrs_total"] || agent["csi_agent_controller_csrs_total"] {
+		t.Error("controller_csrs_total belongs to the controller's registry only")
 	}
 }

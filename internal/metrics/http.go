@@ -21,9 +21,9 @@ type Check struct {
 // Handler serves /metrics from the registry, /livez (200 while the process
 // serves HTTP at all) and /readyz (200 when every check holds, else 503;
 // the body names each check, as the Kubernetes components' endpoints do).
-func (m *Metrics) Handler(checks ...Check) http.Handler {
+func (b base) Handler(checks ...Check) http.Handler {
 	mux := http.NewServeMux()
-	mux.Handle("GET /metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{Registry: m.reg}))
+	mux.Handle("GET /metrics", promhttp.HandlerFor(b.reg, promhttp.HandlerOpts{Registry: b.reg}))
 	mux.HandleFunc("GET /livez", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		fmt.Fprintln(w, "ok")

@@ -26,10 +26,31 @@ const (
 	ResultError       = "error"
 )
 
+// base is a registry with the process's own series: the Go runtime's, the
+// process's and build_info. Each command adds its own metrics to one.
+type base struct {
+	reg *prometheus.Registry
+}
+
+func newBase(version string) base {
+	buildInfo := prometheus.NewGauge(prometheus.GaugeOpts{
+		Namespace: namespace, Name: "build_info",
+		Help:        "Always 1; the labels tell csi-agent's version and the Go version that built it.",
+		ConstLabels: prometheus.Labels{"version": version, "goversion": runtime.Version()},
+	})
+	buildInfo.Set(1)
+	b := base{reg: prometheus.NewRegistry()}
+	b.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), buildInfo)
+	return b
+}
+
+// Registry is where every metric is registered.
+func (b base) Registry() *prometheus.Registry { return b.reg }
+
 // Metrics records the agent's metrics into its own registry. Its methods
 // are safe for concurrent use.
 type Metrics struct {
-	reg *prometheus.Registry
+	base
 
 	attestations    *prometheus.CounterVec
 	denials         *prometheus.CounterVec
@@ -42,11 +63,11 @@ type Metrics struct {
 	csiLatency      *prometheus.HistogramVec
 }
 
-// New returns metrics registered in a new registry, with the Go runtime's,
-// the process's and build_info for version.
+// New returns the agent's metrics (`csi-agent run`), registered in a new
+// registry with the process's own series for version.
 func New(version string) *Metrics {
 	m := &Metrics{
-		reg: prometheus.NewRegistry(),
+		base: newBase(version),
 		attestations: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace, Name: "attestations_total",
 			Help: "Attestations of Workload API callers, by attestor (unix, k8s) and result (ok, unavailable, error).",
@@ -86,23 +107,12 @@ func New(version string) *Metrics {
 			Buckets: []float64{.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5},
 		}, []string{"operation"}),
 	}
-	buildInfo := prometheus.NewGauge(prometheus.GaugeOpts{
-		Namespace: namespace, Name: "build_info",
-		Help:        "Always 1; the labels tell the agent's version and the Go version that built it.",
-		ConstLabels: prometheus.Labels{"version": version, "goversion": runtime.Version()},
-	})
-	buildInfo.Set(1)
 	m.reg.MustRegister(
-		collectors.NewGoCollector(),
-		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		buildInfo, m.attestations, m.denials, m.svidsIssued, m.svidRotations, m.openStreams,
+		m.attestations, m.denials, m.svidsIssued, m.svidRotations, m.openStreams,
 		m.kubeletRequests, m.kubeletLatency, m.csiOps, m.csiLatency,
 	)
 	return m
 }
-
-// Registry is where every metric is registered.
-func (m *Metrics) Registry() *prometheus.Registry { return m.reg }
 
 // Attested counts one attestation by attestor.
 func (m *Metrics) Attested(attestor, result string) {
