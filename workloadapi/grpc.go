@@ -37,14 +37,18 @@ type Limits struct {
 // Limits bound what callers can make it hold: connections (counted at the
 // handshake, per caller and in all, with a reserve for callers that hold an
 // identity), streams (per connection, per caller, in all), request size,
-// idle and handshake time, and denied calls per caller.
+// idle and handshake time, and denied calls per caller. Every refusal, of
+// a call or of a connection at the handshake, is counted in the Server's
+// Metrics and logged (rate limited per caller).
 func NewGRPCServer(s *Server, l Limits) (*grpc.Server, *health.Server) {
 	gd := newGuard(l.Callers)
 	if s.metrics != nil { // nil: a Server built without New (tests)
 		gd.metrics, gd.refusals = s.metrics, s.refusals
 	}
+	conns := l.Connections
+	conns.Refused = gd.connectionRefused(conns.Refused)
 	opts := []grpc.ServerOption{
-		grpc.Creds(peer.Credentials(l.Connections)),
+		grpc.Creds(peer.Credentials(conns)),
 		grpc.ChainUnaryInterceptor(gd.unary),
 		grpc.ChainStreamInterceptor(gd.stream),
 		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: l.IdleTimeout}),

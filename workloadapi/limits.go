@@ -153,7 +153,19 @@ func (g *guard) report(ctx context.Context, err error) {
 	if info, ok := peer.FromContext(ctx); ok {
 		who = &info
 	}
-	g.refusals.log(who, reason, err)
+	g.refusals.log(refusedCall, who, reason, err)
+}
+
+// connectionRefused counts and logs a connection refused at the handshake
+// (peer.Limits.Refused), then tells next, if set.
+func (g *guard) connectionRefused(next func(string, peer.Info, error)) func(string, peer.Info, error) {
+	return func(reason string, info peer.Info, err error) {
+		g.metrics.Denied(reason)
+		g.refusals.log(refusedConnection, &info, reason, err)
+		if next != nil {
+			next(reason, info, err)
+		}
+	}
 }
 
 func (g *guard) unary(ctx context.Context, req any, _ *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {

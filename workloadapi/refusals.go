@@ -114,6 +114,7 @@ const (
 
 type refusalLog struct {
 	clock func() time.Time
+	out   func(msg string, keysAndValues ...any) // klog.InfoS; tests read it
 
 	mu      sync.Mutex
 	callers map[string]*refusalCount
@@ -126,22 +127,28 @@ type refusalCount struct {
 }
 
 func newRefusalLog(clock func() time.Time) *refusalLog {
-	return &refusalLog{clock: clock, callers: map[string]*refusalCount{}}
+	return &refusalLog{clock: clock, out: klog.InfoS, callers: map[string]*refusalCount{}}
 }
 
-// log writes the refusal of a call by info (nil: no peer) unless its
-// caller is over its budget of lines.
-func (l *refusalLog) log(info *peer.Info, reason string, err error) {
+// What was refused, as the log line says.
+const (
+	refusedCall       = "Workload API call refused"
+	refusedConnection = "Workload API connection refused at the handshake"
+)
+
+// log writes what (refusedCall, refusedConnection) by info (nil: no peer)
+// unless its caller is over its budget of lines.
+func (l *refusalLog) log(what string, info *peer.Info, reason string, err error) {
 	key, pid, uid := otherCallers, int32(0), uint32(0)
 	if info != nil {
 		key, pid, uid = info.Caller(), info.PID, info.UID
 	}
 	ok, summaries := l.allow(key)
 	for _, s := range summaries {
-		klog.InfoS("Refusals not logged in the last window", "caller", s.key, "refusals", s.n, "window", refusalWindow)
+		l.out("Refusals not logged in the last window", "caller", s.key, "refusals", s.n, "window", refusalWindow)
 	}
 	if ok {
-		klog.InfoS("Workload API call refused", "reason", reason, "caller", key, "pid", pid, "uid", uid, "err", err)
+		l.out(what, "reason", reason, "caller", key, "pid", pid, "uid", uid, "err", err)
 	}
 }
 

@@ -64,6 +64,12 @@ type holderAgent struct {
 
 func startHolderAgent(t *testing.T, svids []rules.SVID) *holderAgent {
 	t.Helper()
+	return startHolderAgentWith(t, svids, nil, Limits{})
+}
+
+// startHolderAgentWith is startHolderAgent with the server's metrics and limits.
+func startHolderAgentWith(t *testing.T, svids []rules.SVID, m Metrics, limits Limits) *holderAgent {
+	t.Helper()
 	td := spiffeid.RequireTrustDomainFromString("example.org")
 	auth, err := ca.New(context.Background(), ca.Options{TrustDomain: td, StateDir: t.TempDir(), X509SVIDTTL: time.Hour, JWTSVIDTTL: 5 * time.Minute, IntermediateTTL: 24 * time.Hour})
 	if err != nil {
@@ -80,7 +86,7 @@ func startHolderAgent(t *testing.T, svids []rules.SVID) *holderAgent {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv, err := New(Options{TrustDomain: td, Unix: att, Rules: set, Bundle: auth, SVIDs: cache})
+	srv, err := New(Options{TrustDomain: td, Unix: att, Rules: set, Bundle: auth, SVIDs: cache, Metrics: m})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -89,7 +95,7 @@ func startHolderAgent(t *testing.T, svids []rules.SVID) *holderAgent {
 	if err != nil {
 		t.Fatal(err)
 	}
-	g, _ := NewGRPCServer(srv, Limits{})
+	g, _ := NewGRPCServer(srv, limits)
 	go func() { _ = g.Serve(lis) }()
 	t.Cleanup(g.Stop)
 	srv.SetReady(true)

@@ -177,10 +177,7 @@ func runAgentConfig(ctx context.Context, cfg config.Config, opts agentOptions) e
 	// mount with nothing in it, so the CSI plugin is not ready meanwhile.
 	var socketUp atomic.Bool
 	socketUp.Store(true)
-	limits := grpcLimits(cfg.WorkloadAPI.Limits)
-	// Connections refused at the handshake count as denials, by limit.
-	limits.Connections.Refused = func(reason string, _ peer.Info, _ error) { m.Denied(reason) }
-	gs, health := workloadapi.NewGRPCServer(wl, limits)
+	gs, health := workloadapi.NewGRPCServer(wl, grpcLimits(cfg.WorkloadAPI.Limits))
 	health.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING) // until the CA is ready
 
 	var (
