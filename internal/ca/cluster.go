@@ -382,10 +382,15 @@ func (a *Authority) renewJWTKey(ctx context.Context) error {
 	defer a.mu.Unlock()
 	// Keep the key that signs now: it does until the new one is published.
 	var keys []heldJWTKey
-	if k, err := a.signingJWTKeyLocked(a.now()); err == nil {
+	k, err := a.signingJWTKeyLocked(a.now())
+	if err == nil {
 		keys = append(keys, k)
 	}
 	c.jwtKeys = append(keys, h)
+	if _, errNow := a.signingJWTKeyLocked(a.now()); err != nil && errNow == nil {
+		// Published before we held it: JWT-SVIDs (and Ready) start now.
+		a.fireChangedLocked()
+	}
 	klog.InfoS("JWT-SVID key registered with the cluster", "trust_domain", a.td, "kid", h.kid,
 		"expires", rfc3339(h.notAfter), "published", c.kids[h.kid])
 	return nil
@@ -438,7 +443,9 @@ func (a *Authority) signingJWTKeyLocked(now time.Time) (heldJWTKey, error) {
 
 // Ready reports why the authority cannot issue, or nil: it needs an
 // unexpired CA and intermediate and, in cluster mode, the cluster's trust
-// bundle. The other modes are ready from New on, while their CA is valid.
+// bundle and a JWT-SVID key of this node published in it, so that a pod
+// started once the agent is ready gets JWT-SVIDs as well as X.509-SVIDs.
+// The other modes are ready from New on, while their CA is valid.
 func (a *Authority) Ready() error {
 	now := a.now()
 	a.mu.RLock()
@@ -457,6 +464,11 @@ func (a *Authority) Ready() error {
 	}
 	if !now.Before(a.inter.cert.NotAfter) {
 		return fmt.Errorf("intermediate expired at %s", rfc3339(a.inter.cert.NotAfter))
+	}
+	if a.cluster != nil {
+		if _, err := a.signingJWTKeyLocked(now); err != nil {
+			return err
+		}
 	}
 	return nil
 }

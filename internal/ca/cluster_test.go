@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -39,6 +40,9 @@ type fakeCluster struct {
 	trust     Trust
 	published bool // trust was listed once
 	changed   chan struct{}
+	// manualJWKS: registered JWT keys wait for publishKey; otherwise
+	// they are published at once, as the controller does.
+	manualJWKS bool
 }
 
 func newFakeCluster(t testing.TB, fc *clocktesting.FakeClock) *fakeCluster {
@@ -110,7 +114,11 @@ func (f *fakeCluster) RegisterJWTKey(ctx context.Context, csrDER []byte, ttl tim
 	}
 	f.mu.Lock()
 	f.receipts = append(f.receipts, c)
+	manual := f.manualJWKS
 	f.mu.Unlock()
+	if !manual {
+		f.publishKey(c)
+	}
 	return c, nil
 }
 
@@ -320,8 +328,10 @@ func TestClusterRestartServesPersistedIntermediate(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- a.Run(ctx) }()
 	waitReady(t, a)
-	waitFor(t, "the JWT key registered", func() bool { return heldJWTKeys(a) == 1 })
-	kid := f.publishKey(f.lastReceipt())
+	kid, err := cluster.KeyID(f.lastReceipt().PublicKey)
+	if err != nil {
+		t.Fatal(err)
+	}
 	first := mintX509(t, a, testID).Certificates[1]
 	cancel()
 	<-done
@@ -390,17 +400,29 @@ func TestClusterCorruptStateIsReplaced(t *testing.T) {
 }
 
 func TestClusterJWTKeyUsedOnlyOncePublished(t *testing.T) {
-	f, a := startCluster(t)
-	fc := f.clock
-	waitFor(t, "the JWT key registered", func() bool { return heldJWTKeys(a) == 1 })
+	fc := newFakeClock()
+	f := newFakeCluster(t, fc)
+	f.manualJWKS = true
+	a := newClusterCA(t, t.TempDir(), f)
+	runAuthority(t, a)
+	waitFor(t, "the intermediate and the JWT key", func() bool {
+		a.mu.RLock()
+		defer a.mu.RUnlock()
+		return a.inter != nil && len(a.cluster.jwtKeys) == 1
+	})
 	if _, _, err := a.MintJWTSVID(context.Background(), testID, []string{"aud"}); err == nil {
 		t.Fatal("signed a JWT-SVID with a key not yet in the JWKS")
+	}
+	// Not ready: a pod started now would get no JWT-SVID.
+	if err := a.Ready(); err == nil || !strings.Contains(err.Error(), "JWKS") {
+		t.Fatalf("Ready with no JWT key published: %v, want an error naming the JWKS", err)
 	}
 
 	changed := a.Changed()
 	receipt := f.lastReceipt()
 	kid := f.publishKey(receipt)
 	waitClosed(t, changed, "Changed when the JWKS changed")
+	waitReady(t, a)
 	token := mintJWT(t, a, testID, "aud")
 	if err := validateJWT(token, a.Bundle(), "aud"); err != nil {
 		t.Fatalf("JWT-SVID does not validate against the served bundle: %v", err)
