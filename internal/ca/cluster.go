@@ -95,7 +95,15 @@ type clusterState struct {
 	jwtKeys []heldJWTKey    // ours, newest last
 	// reissue wakes the intermediate's renewal before its half life.
 	reissue chan struct{}
+	// jwtWaitUntil ends the wait of readiness for a published JWT key.
+	jwtWaitUntil time.Time
 }
+
+// jwtReadyWait is how long, from its first intermediate, an agent stays
+// not ready for want of a published JWT-SVID key. The key is normally
+// published within a second; a JWT signer that never answers must not keep
+// X.509-SVIDs from a node for ever.
+const jwtReadyWait = 30 * time.Second
 
 // heldJWTKey is a JWT-SVID key of ours with its receipt.
 type heldJWTKey struct {
@@ -131,6 +139,7 @@ func (a *Authority) newCluster(opts Options, now time.Time) error {
 		klog.ErrorS(err, "Persisted node intermediate not used; requesting a new one", "path", c.path(IntermediateFile))
 	} else if inter != nil {
 		a.inter, a.interRotateAt = inter, halfLife(inter.cert)
+		c.jwtWaitUntil = now.Add(jwtReadyWait)
 		klog.InfoS("Loaded node intermediate", "path", c.path(IntermediateFile),
 			"serial", inter.cert.SerialNumber.Text(16), "expires", rfc3339(inter.cert.NotAfter))
 	}
@@ -331,6 +340,9 @@ func (a *Authority) renewIntermediate(ctx context.Context) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.inter, a.interRotateAt = &signingCA{cert: cert, key: key}, halfLife(cert)
+	if a.cluster.jwtWaitUntil.IsZero() {
+		a.cluster.jwtWaitUntil = a.now().Add(jwtReadyWait)
+	}
 	a.fireChangedLocked()
 	chains := a.chainsLocked(cert)
 	klog.InfoS("Node intermediate issued by the cluster", "trust_domain", a.td,
@@ -443,13 +455,18 @@ func (a *Authority) signingJWTKeyLocked(now time.Time) (heldJWTKey, error) {
 
 // Ready reports why the authority cannot issue, or nil: it needs an
 // unexpired CA and intermediate and, in cluster mode, the cluster's trust
-// bundle and a JWT-SVID key of this node published in it, so that a pod
-// started once the agent is ready gets JWT-SVIDs as well as X.509-SVIDs.
-// The other modes are ready from New on, while their CA is valid.
+// bundle and, for up to jwtReadyWait from its first intermediate, a JWT-SVID
+// key of this node published in it, so that a pod started once the agent is
+// ready gets JWT-SVIDs as well as X.509-SVIDs. The other modes are ready
+// from New on, while their CA is valid.
 func (a *Authority) Ready() error {
 	now := a.now()
 	a.mu.RLock()
 	defer a.mu.RUnlock()
+	return a.readyLocked(now)
+}
+
+func (a *Authority) readyLocked(now time.Time) error {
 	if a.cluster != nil && !a.cluster.synced {
 		return errors.New("no trust bundle from the cluster yet")
 	}
@@ -465,9 +482,9 @@ func (a *Authority) Ready() error {
 	if !now.Before(a.inter.cert.NotAfter) {
 		return fmt.Errorf("intermediate expired at %s", rfc3339(a.inter.cert.NotAfter))
 	}
-	if a.cluster != nil {
+	if a.cluster != nil && now.Before(a.cluster.jwtWaitUntil) {
 		if _, err := a.signingJWTKeyLocked(now); err != nil {
-			return err
+			return fmt.Errorf("%w; waiting for it until %s, then X.509-SVIDs only", err, rfc3339(a.cluster.jwtWaitUntil))
 		}
 	}
 	return nil
@@ -477,13 +494,31 @@ func (a *Authority) Ready() error {
 func (a *Authority) WaitReady(ctx context.Context) error {
 	for {
 		ch := a.Changed()
-		if a.Ready() == nil {
+		a.mu.RLock()
+		now := a.now()
+		err := a.readyLocked(now)
+		var jwtWait time.Duration
+		if err != nil && a.cluster != nil {
+			jwtWait = a.cluster.jwtWaitUntil.Sub(now)
+		}
+		a.mu.RUnlock()
+		if err == nil {
 			return nil
+		}
+		// The wait for a JWT key ends on its own, with no change to tell.
+		var waitEnd <-chan time.Time
+		stop := func() bool { return false }
+		if jwtWait > 0 {
+			t := a.clock.NewTimer(jwtWait)
+			waitEnd, stop = t.C(), t.Stop
 		}
 		select {
 		case <-ctx.Done():
+			stop()
 			return ctx.Err()
 		case <-ch:
+		case <-waitEnd:
 		}
+		stop()
 	}
 }

@@ -276,10 +276,16 @@ func TestClusterRenewsAtHalfLifeWithNewKey(t *testing.T) {
 		t.Fatalf("renewed before half life: %d requests", n)
 	}
 	stepUntil(t, fc, 11*time.Minute, "a renewal at half life", func() bool { n, _ := f.counts(); return n == 2 })
-	waitClosed(t, changed, "Changed after the renewal")
-	second := mintX509(t, a, testID).Certificates[1]
-	if second.Equal(first) {
-		t.Fatal("still signing with the first intermediate")
+	// The fake counts the request before the agent takes the answer.
+	var second *x509.Certificate
+	waitFor(t, "the renewed intermediate in use", func() bool {
+		second = mintX509(t, a, testID).Certificates[1]
+		return !second.Equal(first)
+	})
+	select {
+	case <-changed:
+	default:
+		t.Fatal("Changed did not fire for the renewed intermediate")
 	}
 	if first.PublicKey.(*ecdsa.PublicKey).Equal(second.PublicKey) {
 		t.Fatal("the renewed intermediate has the old key")
@@ -444,6 +450,43 @@ func TestClusterJWTKeyUsedOnlyOncePublished(t *testing.T) {
 	waitFor(t, "the new key in use", func() bool { return tokenKID(t, mintJWT(t, a, testID, "aud")) == newKID })
 	if _, ok := a.Bundle().FindJWTAuthority(kid); !ok {
 		t.Error("the old key, still in the JWKS, left the served bundle")
+	}
+}
+
+// A JWT signer that never publishes keeps the agent from readiness for
+// jwtReadyWait only: then it is ready for X.509-SVIDs, and JWT-SVIDs are
+// refused.
+func TestClusterReadyWithoutJWTKeyAfterWait(t *testing.T) {
+	fc := newFakeClock()
+	f := newFakeCluster(t, fc)
+	f.manualJWKS = true
+	a := newClusterCA(t, t.TempDir(), f)
+	runAuthority(t, a)
+	waitFor(t, "the intermediate and the JWT key", func() bool {
+		a.mu.RLock()
+		defer a.mu.RUnlock()
+		return a.inter != nil && len(a.cluster.jwtKeys) == 1
+	})
+	ready := make(chan error, 1)
+	go func() { ready <- a.WaitReady(context.Background()) }()
+	fc.Step(jwtReadyWait / 2)
+	select {
+	case err := <-ready:
+		t.Fatalf("WaitReady returned %v half way through the wait for the JWT key", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	fc.Step(jwtReadyWait / 2)
+	select {
+	case err := <-ready:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatalf("WaitReady still waiting after the JWT key wait ended: %v", a.Ready())
+	}
+	mintX509(t, a, testID)
+	if _, _, err := a.MintJWTSVID(context.Background(), testID, []string{"aud"}); err == nil {
+		t.Fatal("signed a JWT-SVID with no key published")
 	}
 }
 
