@@ -235,12 +235,18 @@ func ControllerFromArgs(args []string, getenv func(string) string, usage io.Writ
 	}
 	configPath := fs.String("config", "", "YAML config file (trustDomain, metrics, logging and the controller section)")
 	kubeconfig := fs.String("kubeconfig", "", "kubeconfig file; empty: controller.kubeconfig, else in-cluster")
+	// A flag, so a Kustomize component can turn it on without editing the
+	// config file the agents share.
+	bundleEndpoint := fs.String("bundle-endpoint-address", "", "host:port to serve the trust domain's bundle endpoint on (https_spiffe); overrides controller.bundleEndpoint.address")
 	cfg, err := parseAndLoad(fs, args, configPath)
 	if err != nil {
 		return cfg, err
 	}
 	if *kubeconfig != "" {
 		cfg.Controller.Kubeconfig = *kubeconfig
+	}
+	if *bundleEndpoint != "" {
+		cfg.Controller.BundleEndpoint.Address = *bundleEndpoint
 	}
 	cfg.Controller = cfg.Controller.WithDefaults(getenv)
 	if err := cfg.ValidateController(); err != nil {

@@ -176,6 +176,21 @@ func TestControllerNeedsNoNodeName(t *testing.T) {
 	}
 }
 
+func TestControllerBundleEndpointFlag(t *testing.T) {
+	p := writeConfig(t, "trustDomain: example.org\ncontroller: {bundleEndpoint: {refreshHint: 10m}}\n")
+	cfg, err := ControllerFromArgs([]string{"--config", p, "--bundle-endpoint-address", "0.0.0.0:8443"}, env(nil), io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o, ok := cfg.ControllerBundleEndpointOptions(mustTD(t, cfg))
+	if !ok || cfg.Controller.BundleEndpoint.Address != "0.0.0.0:8443" || o.Profile != "https_spiffe" || o.RefreshHint != 10*time.Minute {
+		t.Fatalf("bundle endpoint options %+v (on %v): want 0.0.0.0:8443, https_spiffe and the file's refresh hint", o, ok)
+	}
+	if _, err := ControllerFromArgs([]string{"--config", p, "--bundle-endpoint-address", "8443"}, env(nil), io.Discard); err == nil || !strings.Contains(err.Error(), "controller.bundleEndpoint.address") {
+		t.Fatalf("a bad address: %v, want an error naming controller.bundleEndpoint.address", err)
+	}
+}
+
 func mustTD(t *testing.T, c Config) spiffeid.TrustDomain {
 	t.Helper()
 	td, err := c.TrustDomainID()

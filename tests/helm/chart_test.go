@@ -51,6 +51,7 @@ var variants = []variant{
 	{name: "kubelet-nodes-proxy", values: "createNamespace: true\nkubelet: {nodesProxyRBAC: true}", components: []string{"kubelet-nodes-proxy"}},
 	{name: "all", values: upstreamValues + "\nspiffeCSI: true\nkubelet: {nodesProxyRBAC: true}",
 		components: []string{"spiffe-csi", "upstream-ca", "kubelet-nodes-proxy"}},
+	{name: "bundle-endpoint", values: "createNamespace: true\nfederation: {bundleEndpoint: {enabled: true}}", components: []string{"bundle-endpoint"}},
 	{name: "cluster with spiffe-csi and nodes-proxy", values: "createNamespace: true\nspiffeCSI: true\nkubelet: {nodesProxyRBAC: true}",
 		components: []string{"spiffe-csi", "kubelet-nodes-proxy"}},
 }
@@ -290,6 +291,10 @@ func TestChartLints(t *testing.T) {
 		{"controller placed, three replicas", "controller: {replicas: 3, nodeSelector: {kubernetes.io/os: linux}, tolerations: [{key: x, operator: Exists}]}"},
 		{"cluster mode, controller elsewhere", "controller: {enabled: false}"},
 		{"socket aliases", "socketAliases: [socket, api.sock]"},
+		{"federation", `federation:
+  bundleEndpoint: {enabled: true, port: 9443, serviceType: LoadBalancer}
+  trustDomains: [{trustDomain: spire.example, bundleEndpoint: {url: "https://spire.example:8443", profile: https_web}}]
+rules: [{spiffeID: "/ns/{kubernetes.namespace}/sa/{kubernetes.service_account}", federatesWith: [spire.example], rules: [{selectors: ["k8s:ns:demo"]}]}]`},
 		{"rules and placement", `trustDomain: example.org
 rules: [{spiffeID: "/ns/{kubernetes.namespace}/sa/{kubernetes.service_account}", rules: [{selectors: ["k8s:ns:demo"]}]}]
 tolerations: []
@@ -319,6 +324,8 @@ func TestChartRefusesBadValues(t *testing.T) {
 		{"unknown CA mode", "ca: {mode: vault}", "ca.mode must be cluster, selfManaged or upstream"},
 		{"cert without key", fmt.Sprintf("ca: {mode: upstream, upstream: {cert: %q}}", fakeCert), "ca.upstream.key is required"},
 		{"empty driver name", "driverName: \"\"", "driverName is required"},
+		{"bundle endpoint without the controller", "ca: {mode: selfManaged}\nfederation: {bundleEndpoint: {enabled: true}}", "federation.bundleEndpoint.enabled: the controller serves it"},
+		{"bundle endpoint, controller elsewhere", "controller: {enabled: false}\nfederation: {bundleEndpoint: {enabled: true}}", "federation.bundleEndpoint.enabled: the controller serves it"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			ch, err := loader.Load(chartDir)

@@ -76,7 +76,7 @@ var clusterObjects = []string{
 func TestCAModes(t *testing.T) {
 	want := map[string]string{
 		"default": "cluster", "spiffe-csi": "cluster", "kubelet-nodes-proxy": "cluster",
-		"cluster with spiffe-csi and nodes-proxy": "cluster",
+		"cluster with spiffe-csi and nodes-proxy": "cluster", "bundle-endpoint": "cluster",
 		"upstream-ca": "upstream", "all": "upstream",
 		"self-managed": "selfManaged", "self-managed by its old value": "selfManaged",
 	}
@@ -429,5 +429,84 @@ func TestPodCertificateExample(t *testing.T) {
 	// And it builds as the kustomization it is.
 	if objs := kustomizeDir(t, dir); len(objs) != 3 {
 		t.Errorf("%s builds %d objects, want 3", dir, len(objs))
+	}
+}
+
+// The bundle endpoint as deployed: the controller serves it where its
+// Service sends peers, with the SPIFFE ID peers are told to expect, and
+// the agents get the federation list.
+func TestBundleEndpointDeployment(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		objs func(t *testing.T) []object
+		port int32
+	}{
+		{"kustomize", func(t *testing.T) []object { return kustomize(t, []string{"bundle-endpoint"}) }, 8443},
+		{"chart", func(t *testing.T) []object {
+			return render(t, parseValues(t, "federation: {bundleEndpoint: {enabled: true}}"))
+		}, 8443},
+		{"chart, another port", func(t *testing.T) []object {
+			return render(t, parseValues(t, "federation: {bundleEndpoint: {enabled: true, port: 9443}}"))
+		}, 9443},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			objs := c.objs(t)
+			d := controllerOf(t, objs)
+			ct := d.Spec.Template.Spec.Containers[0]
+			cfg, err := config.ControllerFromArgs(controllerArgs(t, objs, ct.Args), func(k string) string {
+				return map[string]string{config.PodNameEnv: "ctl-0", config.PodNamespaceEnv: namespace}[k]
+			}, io.Discard)
+			if err != nil {
+				t.Fatalf("the controller refuses its deployed config: %v", err)
+			}
+			td, err := cfg.TrustDomainID()
+			if err != nil {
+				t.Fatal(err)
+			}
+			o, on := cfg.ControllerBundleEndpointOptions(td)
+			if !on || o.Profile != "https_spiffe" || o.SPIFFEID.String() != "spiffe://"+td.Name()+"/csi-agent/bundle-endpoint" {
+				t.Fatalf("bundle endpoint %+v (on %v), want https_spiffe as spiffe://%s/csi-agent/bundle-endpoint", o, on, td.Name())
+			}
+			if want := fmt.Sprintf("0.0.0.0:%d", c.port); cfg.Controller.BundleEndpoint.Address != want {
+				t.Errorf("controller listens on %s, want %s", cfg.Controller.BundleEndpoint.Address, want)
+			}
+			var svc *corev1.Service
+			for _, obj := range objs {
+				if obj["kind"] == "Service" && dig(obj, "metadata")["name"] == "csi-agent-bundle-endpoint" {
+					svc = new(corev1.Service)
+					convert(t, obj, svc)
+				}
+			}
+			if svc == nil {
+				t.Fatal("no Service csi-agent-bundle-endpoint")
+			}
+			for k, v := range svc.Spec.Selector {
+				if d.Spec.Template.Labels[k] != v {
+					t.Errorf("Service selects %s=%s, the controller pods have %v", k, v, d.Spec.Template.Labels)
+				}
+			}
+			if len(svc.Spec.Ports) != 1 || svc.Spec.Ports[0].Port != c.port {
+				t.Fatalf("Service ports %+v, want %d", svc.Spec.Ports, c.port)
+			}
+			var target int32
+			for _, p := range ct.Ports {
+				if p.Name == svc.Spec.Ports[0].TargetPort.String() {
+					target = p.ContainerPort
+				}
+			}
+			if target != c.port {
+				t.Errorf("Service targets container port %q = %d, want the controller's %d", svc.Spec.Ports[0].TargetPort.String(), target, c.port)
+			}
+		})
+	}
+	// Off by default, and the agents' federation list comes from the values.
+	objs := render(t, parseValues(t, "federation: {trustDomains: [{trustDomain: spire.example, path: /b.json}]}"))
+	for _, obj := range objs {
+		if obj["kind"] == "Service" {
+			t.Errorf("a Service rendered with the bundle endpoint off: %v", dig(obj, "metadata")["name"])
+		}
+	}
+	if fed := agentOf(t, objs).cfg.Federation; len(fed) != 1 || fed[0].TrustDomain != "spire.example" || fed[0].Path != "/b.json" {
+		t.Errorf("agent federation %+v, want spire.example from /b.json", fed)
 	}
 }

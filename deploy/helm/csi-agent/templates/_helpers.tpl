@@ -39,6 +39,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 }}
 {{- with .Values.metrics.addr }}{{ $_ := set $cfg "metrics" (dict "addr" .) }}{{ end }}
 {{- with .Values.rules }}{{ $_ := set $cfg "svids" . }}{{ end }}
+{{- with .Values.federation.trustDomains }}{{ $_ := set $cfg "federation" . }}{{ end }}
 {{- range $k, $v := .Values.extraConfig }}{{ $_ := set $cfg $k $v }}{{ end }}
 {{- toYaml $cfg }}
 {{- end }}
