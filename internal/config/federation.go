@@ -16,6 +16,11 @@ import (
 // (https_spiffe) when bundleEndpoint.spiffeID is unset.
 const DefaultBundleEndpointID = "/csi-agent/bundle-endpoint"
 
+// DefaultBundleEndpointMaxConnections bounds the connections a bundle
+// endpoint serves at once; each answer closes its connection, so a slot is
+// held for one fetch (at most the handshake and header timeouts).
+const DefaultBundleEndpointMaxConnections = 64
+
 // BundleEndpoint serves our trust domain's bundle to the trust domains that
 // federate with us (SPIFFE Federation); off while Address is empty. In
 // cluster mode the controller serves it instead, one per trust domain.
@@ -165,7 +170,7 @@ func (b BundleEndpoint) options(td spiffeid.TrustDomain) (opts endpoint.ServerOp
 	if b.Address == "" {
 		return endpoint.ServerOptions{}, false
 	}
-	opts = endpoint.ServerOptions{Profile: b.profile(), RefreshHint: time.Duration(b.RefreshHint)}
+	opts = endpoint.ServerOptions{Profile: b.profile(), RefreshHint: time.Duration(b.RefreshHint), MaxConnections: DefaultBundleEndpointMaxConnections}
 	if opts.Profile == endpoint.ProfileHTTPSSPIFFE {
 		opts.SPIFFEID, _ = b.endpointID(td) // validated
 	} else {

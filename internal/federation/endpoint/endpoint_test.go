@@ -10,6 +10,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"math/big"
+	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -295,5 +296,72 @@ func TestNewServerErrors(t *testing.T) {
 		if _, err := NewServer(tt.opts); err == nil {
 			t.Errorf("%s: NewServer succeeded", tt.name)
 		}
+	}
+}
+
+// MaxConnections bounds the connections served at once: past it a peer
+// waits, and a slot frees as soon as a connection ends. Each answer ends
+// its connection, so a peer's idle keep-alive holds no slot.
+func TestServerConnectionLimit(t *testing.T) {
+	c1 := newCA(t)
+	src := &source{t: t, ca: c1, bundle: spiffebundle.FromX509Authorities(td, []*x509.Certificate{c1.cert})}
+	s, err := NewServer(ServerOptions{Bundle: src, Profile: ProfileHTTPSSPIFFE, SVIDs: src, SPIFFEID: id, MaxConnections: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	u := serve(t, s)
+	addr := u[len("https://") : len(u)-1]
+	get := func(c *http.Client, timeout time.Duration) error {
+		ctx, cancel := context.WithTimeout(context.Background(), timeout)
+		defer cancel()
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+		resp, err := c.Do(req)
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		_, err = io.Copy(io.Discard, resp.Body)
+		return err
+	}
+	// The bundle is public: a plain HTTPS client will do.
+	client := func() *http.Client {
+		return &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
+	}
+	a, b := client(), client()
+	if err := get(a, 5*time.Second); err != nil {
+		t.Fatalf("first fetch: %v", err)
+	}
+	// Two connections that never say anything take both slots.
+	var idle []net.Conn
+	for range 2 {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		idle = append(idle, c)
+		t.Cleanup(func() { c.Close() })
+	}
+	if err := get(b, 500*time.Millisecond); err == nil {
+		t.Fatal("served a third connection with both slots held")
+	}
+	idle[0].Close()
+	if err := get(b, 5*time.Second); err != nil {
+		t.Fatalf("fetch once a slot is free: %v", err)
+	}
+	// a's and b's earlier connections are closed by the server: with the
+	// last slot taken, both still get through one after the other.
+	idle[1].Close()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for _, cl := range []*http.Client{a, b, a} {
+		if err := get(cl, 5*time.Second); err != nil {
+			t.Fatalf("sequential fetches with one slot: %v", err)
+		}
+	}
+	if _, err := NewServer(ServerOptions{Bundle: src, Profile: ProfileHTTPSSPIFFE, SVIDs: src, SPIFFEID: id, MaxConnections: -1}); err == nil {
+		t.Error("NewServer took a negative MaxConnections")
 	}
 }

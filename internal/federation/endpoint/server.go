@@ -14,6 +14,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"golang.org/x/net/netutil"
 	"k8s.io/klog/v2"
 )
 
@@ -47,6 +48,10 @@ type ServerOptions struct {
 	CertFile, KeyFile string
 	// RefreshHint defaults to DefaultRefreshHint.
 	RefreshHint time.Duration
+	// MaxConnections bounds the connections served at once (0: no bound;
+	// internal/config always sets one): the endpoint faces other trust
+	// domains, maybe the internet, and each connection costs a TLS state.
+	MaxConnections int
 	// Now defaults to time.Now.
 	Now func() time.Time
 }
@@ -59,6 +64,7 @@ type Server struct {
 	id      spiffeid.ID
 	cert    *certFiles
 	hint    time.Duration
+	conns   int
 	now     func() time.Time
 
 	mu      sync.Mutex
@@ -68,9 +74,13 @@ type Server struct {
 
 // NewServer checks opts; https_web reads the certificate files at once.
 func NewServer(opts ServerOptions) (*Server, error) {
-	s := &Server{bundle: opts.Bundle, profile: opts.Profile, svids: opts.SVIDs, id: opts.SPIFFEID, hint: opts.RefreshHint, now: opts.Now}
+	s := &Server{bundle: opts.Bundle, profile: opts.Profile, svids: opts.SVIDs, id: opts.SPIFFEID, hint: opts.RefreshHint,
+		conns: opts.MaxConnections, now: opts.Now}
 	if s.bundle == nil {
 		return nil, errors.New("bundle endpoint: a bundle source is required")
+	}
+	if s.conns < 0 {
+		return nil, fmt.Errorf("bundle endpoint: MaxConnections %d is negative", s.conns)
 	}
 	if s.hint <= 0 {
 		s.hint = DefaultRefreshHint
@@ -179,6 +189,12 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		WriteTimeout:      30 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 		MaxHeaderBytes:    16 << 10,
+	}
+	// A peer fetches once per refresh hint: nothing to keep open between,
+	// and a connection closed after its answer frees its slot at once.
+	hs.SetKeepAlivesEnabled(false)
+	if s.conns > 0 {
+		ln = netutil.LimitListener(ln, s.conns)
 	}
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(tls.NewListener(ln, hs.TLSConfig)) }()
