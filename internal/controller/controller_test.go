@@ -7,6 +7,7 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"encoding/pem"
+	"errors"
 	"net/url"
 	"strings"
 	"sync"
@@ -257,6 +258,69 @@ func TestUserSecretUsedAsIs(t *testing.T) {
 	got, _ := client.CoreV1().Secrets("csi-agent").Get(context.Background(), cluster.RootSecret, metav1.GetOptions{})
 	if got.ResourceVersion != "1" || len(got.Annotations) != 0 {
 		t.Fatalf("the user's Secret was written: %+v", got.ObjectMeta)
+	}
+}
+
+// A user's root that replaced the published one while no replica led is
+// published by the next leader next to the old one, and signs only after
+// the activation delay: agents and peers see it before anything it signed.
+func TestUserRootChangedWithoutLeaderWaitsForActivation(t *testing.T) {
+	now := time.Now()
+	old, err := issue.Root(td, now, 1000*time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	user, err := issue.Root(td, now, 1000*time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, _ := x509.MarshalPKCS8PrivateKey(user.Key)
+	sec := &corev1.Secret{
+		ObjectMeta: metav1.ObjectMeta{Name: cluster.RootSecret, Namespace: "csi-agent"},
+		Type:       corev1.SecretTypeTLS,
+		Data: map[string][]byte{
+			corev1.TLSCertKey:       rootca.EncodeCertificates([]*x509.Certificate{user.Cert}),
+			corev1.TLSPrivateKeyKey: pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}),
+		},
+	}
+	// What the last leader published: the old root only.
+	ctb := &certv1.ClusterTrustBundle{
+		ObjectMeta: metav1.ObjectMeta{Name: cluster.TrustBundleName(cluster.SVIDSigner, td), Labels: map[string]string{cluster.TrustDomainLabel: td.Name()}},
+		Spec:       certv1.ClusterTrustBundleSpec{SignerName: cluster.SVIDSigner, TrustBundle: string(rootca.EncodeCertificates([]*x509.Certificate{old.Cert}))},
+	}
+	client := fake.NewClientset(sec, ctb, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a"}})
+	o := testOptions()
+	o.RootActivationDelay = 2 * time.Second
+	c, err := New(client, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+
+	eventually(t, "both roots published", func() bool { return len(bundleRoots(t, client)) == 2 })
+	if err := c.Holder().Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var notYet *rootca.NotSigningError
+	if _, err := c.Holder().Current(); !errors.As(err, &notYet) {
+		t.Fatalf("Current right after publication: %v, want a NotSigningError", err)
+	}
+	asked := time.Now()
+	createCSR(t, client, "inter-a", cluster.IntermediateSigner, "node-a", "node-a")
+	eventually(t, "the intermediate", func() bool { return len(getCSR(t, client, "inter-a").Status.Certificate) > 0 })
+	if signed := time.Now(); signed.Before(notYet.Until) {
+		t.Fatalf("signed at %s, before the root's activation at %s (asked at %s)", signed, notYet.Until, asked)
+	}
+	b, _ := pem.Decode(getCSR(t, client, "inter-a").Status.Certificate)
+	inter, err := x509.ParseCertificate(b.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if inter.CheckSignatureFrom(user.Cert) != nil {
+		t.Fatal("the intermediate is not signed by the user's root")
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/x509"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -23,6 +24,7 @@ import (
 	"github.com/csi-agent/csi-agent/internal/controller/csrcheck"
 	"github.com/csi-agent/csi-agent/internal/controller/issue"
 	"github.com/csi-agent/csi-agent/internal/controller/jwks"
+	"github.com/csi-agent/csi-agent/internal/controller/rootca"
 )
 
 // CSR results (metric label values).
@@ -61,7 +63,13 @@ func (w *csrWorker) run(ctx context.Context) {
 		if quit {
 			return
 		}
-		if err := w.process(ctx, key); err != nil && ctx.Err() == nil {
+		var notYet *rootca.NotSigningError
+		if err := w.process(ctx, key); errors.As(err, &notYet) && ctx.Err() == nil {
+			// Looked at again once the root signs, not before.
+			klog.V(1).InfoS("CSR waits for the root's activation", "csr", key, "signs_from", notYet.Until.UTC().Format(time.RFC3339))
+			w.queue.Forget(key)
+			w.queue.AddAfter(key, max(notYet.Until.Sub(w.c.o.Now()), 0))
+		} else if err != nil && ctx.Err() == nil {
 			if apierrors.IsConflict(err) {
 				klog.V(2).InfoS("CSR changed meanwhile; retrying", "csr", key)
 			} else {

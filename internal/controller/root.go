@@ -93,12 +93,23 @@ func (c *Controller) reconcileRoot(ctx context.Context) error {
 				}
 				st.NextActivates = c.o.Now().Add(c.o.RootActivationDelay)
 			}
-		} else if st.Previous, err = c.publishedRoots(ctx, st.Current); err == nil && len(st.Previous) > 0 {
-			// A new leader does not know what the last one trusted: keep
-			// what is published as long as anything it signed may live.
-			st.PreviousUntil = now.Add(c.o.RetainPrevious)
-		} else if err != nil {
-			return err
+		} else {
+			var published bool
+			if st.Previous, published, err = c.publishedRoots(ctx, st.Current); err != nil {
+				return err
+			}
+			if len(st.Previous) > 0 {
+				// A new leader does not know what the last one trusted: keep
+				// what is published as long as anything it signed may live.
+				st.PreviousUntil = now.Add(c.o.RetainPrevious)
+				if !published {
+					// The user's root changed while no replica led: what
+					// it signs waits until relying parties have it.
+					st.SignsFrom = now.Add(c.o.RootActivationDelay)
+					klog.InfoS("Root CA not yet published; publishing it, signing after the activation delay",
+						"secret", c.o.RootSecret, "serial", st.Current.Cert.SerialNumber.Text(16), "signs_from", st.SignsFrom.UTC().Format(time.RFC3339))
+				}
+			}
 		}
 		st, _, _ = rootca.Step(st, now, c.rootPolicy(), nil)
 	}
@@ -177,28 +188,30 @@ func (c *Controller) bundleName() string {
 }
 
 // publishedRoots are the unexpired roots in the ClusterTrustBundle other
-// than current.
-func (c *Controller) publishedRoots(ctx context.Context, current issue.Parent) ([]*x509.Certificate, error) {
+// than current, and whether current is there too.
+func (c *Controller) publishedRoots(ctx context.Context, current issue.Parent) (others []*x509.Certificate, hasCurrent bool, err error) {
 	ctb, err := c.client.CertificatesV1().ClusterTrustBundles().Get(ctx, c.bundleName(), metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
-		return nil, nil
+		return nil, false, nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("cluster trust bundle %s: %w", c.bundleName(), err)
+		return nil, false, fmt.Errorf("cluster trust bundle %s: %w", c.bundleName(), err)
 	}
 	certs, err := ca.ParseCertificatesPEM([]byte(ctb.Spec.TrustBundle))
 	if err != nil {
 		klog.ErrorS(err, "Published trust bundle does not parse; replacing it", "name", c.bundleName())
-		return nil, nil
+		return nil, false, nil
 	}
 	now := c.o.Now()
-	var out []*x509.Certificate
 	for _, crt := range certs {
-		if now.Before(crt.NotAfter) && !bytes.Equal(crt.Raw, current.Cert.Raw) {
-			out = append(out, crt)
+		switch {
+		case bytes.Equal(crt.Raw, current.Cert.Raw):
+			hasCurrent = true
+		case now.Before(crt.NotAfter):
+			others = append(others, crt)
 		}
 	}
-	return out, nil
+	return others, hasCurrent, nil
 }
 
 // publishBundle makes the ClusterTrustBundle hold exactly certs.

@@ -16,6 +16,14 @@ import (
 // ErrNoRoot is returned while no root is loaded (not the leader yet).
 var ErrNoRoot = errors.New("rootca: no root CA loaded yet")
 
+// NotSigningError is returned while the root is published but does not
+// sign yet (State.SignsFrom).
+type NotSigningError struct{ Until time.Time }
+
+func (e *NotSigningError) Error() string {
+	return "rootca: the root CA is published and signs from " + e.Until.UTC().Format(time.RFC3339) + " on, when every relying party has had the activation delay to see it"
+}
+
 // Holder is the root state the leader works with; safe for concurrent use.
 type Holder struct {
 	td  spiffeid.TrustDomain
@@ -76,22 +84,26 @@ func (h *Holder) State() (State, bool) {
 	return h.state, h.loaded
 }
 
-// Current is the root that signs now.
+// Current is the root that signs now: ErrNoRoot while none is loaded, a
+// *NotSigningError while it waits for its activation.
 func (h *Holder) Current() (issue.Parent, error) {
 	s, ok := h.State()
 	if !ok {
 		return issue.Parent{}, ErrNoRoot
 	}
+	if h.now().Before(s.SignsFrom) {
+		return issue.Parent{}, &NotSigningError{Until: s.SignsFrom}
+	}
 	return s.Current, nil
 }
 
-// Expiry is when the signing root expires (zero when none is loaded).
+// Expiry is when the current root expires (zero when none is loaded).
 func (h *Holder) Expiry() time.Time {
-	p, err := h.Current()
-	if err != nil {
+	s, ok := h.State()
+	if !ok {
 		return time.Time{}
 	}
-	return p.Cert.NotAfter
+	return s.Current.Cert.NotAfter
 }
 
 // SignSVID issues an X.509-SVID for id over pub, signed by the current root

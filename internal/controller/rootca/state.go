@@ -50,6 +50,11 @@ type State struct {
 	Managed bool
 	// RotateRequested: the Secret carries AnnotationRotate.
 	RotateRequested bool
+	// SignsFrom: Current signs only from then on (zero: at once). A user's
+	// root that reached the Secret while no replica led is published by
+	// the next leader and waits out the activation delay, as a rotated
+	// root does. Kept in memory only: the user's Secret is not written.
+	SignsFrom time.Time
 }
 
 // Bundle is every root to trust: current, next and previous, once each.
