@@ -33,8 +33,8 @@ const (
 	DefaultControllerRetryPeriod          = 2 * time.Second
 	DefaultControllerPodCertificateMaxTTL = 24 * time.Hour
 	DefaultControllerAgentServiceAccount  = "csi-agent:csi-agent"
-	// DefaultControllerRootPoll is how often the root Secret is read: the
-	// controller may get it, not watch it.
+	// DefaultControllerRootPoll is how often the root Secret is read besides
+	// its watch (which an older deployment's RBAC may not allow).
 	DefaultControllerRootPoll = 10 * time.Second
 	DefaultControllerWorkers  = 2
 	// DefaultControllerBundleEndpointSVIDTTL is the life of the bundle

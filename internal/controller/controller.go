@@ -200,7 +200,26 @@ func (c *Controller) Run(ctx context.Context) error {
 		return fmt.Errorf("controller: node informer: %w", err)
 	}
 	w := &csrWorker{c: c, queue: queue, nodes: nodes.Lister(), recorder: recorder, jwksChanged: poke}
-	factories := []informers.SharedInformerFactory{nodeFactory}
+	// The root Secret, watched by name: a rotate annotation or a user's new
+	// root is seen at once. Not waited for: without list and watch (RBAC of
+	// an older deployment) the RootPoll reads still see every change.
+	rootChanged := make(chan struct{}, 1)
+	secretFactory := informers.NewSharedInformerFactoryWithOptions(c.client, resync, informers.WithNamespace(c.o.Namespace),
+		informers.WithTweakListOptions(func(lo *metav1.ListOptions) {
+			lo.FieldSelector = fields.OneTermEqualSelector("metadata.name", c.o.RootSecret).String()
+		}))
+	wakeRoot := func(any) {
+		select {
+		case rootChanged <- struct{}{}:
+		default:
+		}
+	}
+	if _, err := secretFactory.Core().V1().Secrets().Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc: wakeRoot, UpdateFunc: func(_, obj any) { wakeRoot(obj) }, DeleteFunc: wakeRoot,
+	}); err != nil {
+		return fmt.Errorf("controller: root secret informer: %w", err)
+	}
+	factories := []informers.SharedInformerFactory{nodeFactory, secretFactory}
 	var synced []cache.InformerSynced
 	for _, signer := range []string{c.o.IntermediateSigner, c.o.JWTKeySigner} {
 		f := informers.NewSharedInformerFactoryWithOptions(c.client, resync, informers.WithTweakListOptions(func(lo *metav1.ListOptions) {
@@ -233,7 +252,7 @@ func (c *Controller) Run(ctx context.Context) error {
 	klog.InfoS("Controller leading", "trust_domain", c.o.TrustDomain.String(), "expires", c.holder.Expiry().UTC().Format(time.RFC3339))
 
 	g, ctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return c.runRoot(ctx) })
+	g.Go(func() error { return c.runRoot(ctx, rootChanged) })
 	g.Go(func() error { return c.runPrune(ctx, prune, w.nodeExists) })
 	for range c.o.Workers {
 		g.Go(func() error { w.run(ctx); return nil })

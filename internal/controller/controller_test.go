@@ -324,6 +324,32 @@ func TestUserRootChangedWithoutLeaderWaitsForActivation(t *testing.T) {
 	}
 }
 
+// The root Secret is watched: a rotate annotation is acted on at once, not
+// at the next poll.
+func TestRotateAnnotationSeenAtOnce(t *testing.T) {
+	client := fake.NewClientset()
+	o := testOptions()
+	o.RootPoll = time.Hour
+	c, err := New(client, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	eventually(t, "the trust bundle", func() bool { return len(bundleRoots(t, client)) == 1 })
+	sec, err := client.CoreV1().Secrets("csi-agent").Get(ctx, cluster.RootSecret, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sec.Annotations[rootca.AnnotationRotate] = "now"
+	if _, err := client.CoreV1().Secrets("csi-agent").Update(ctx, sec, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the next root published (RootPoll is an hour)", func() bool { return len(bundleRoots(t, client)) == 2 })
+}
+
 func TestFailoverKeepsTheRoot(t *testing.T) {
 	client := fake.NewClientset()
 	c1, err := New(client, testOptions())

@@ -23,8 +23,9 @@ func (c *Controller) rootPolicy() rootca.Policy {
 	return rootca.Policy{ActivationDelay: c.o.RootActivationDelay, Retain: c.o.RetainPrevious}
 }
 
-// runRoot reconciles the root at each planned step and every RootPoll.
-func (c *Controller) runRoot(ctx context.Context) error {
+// runRoot reconciles the root at each planned step, when the Secret
+// changes and every RootPoll.
+func (c *Controller) runRoot(ctx context.Context, changed <-chan struct{}) error {
 	for {
 		wait := c.o.RootPoll
 		if s, ok := c.holder.State(); ok {
@@ -38,6 +39,8 @@ func (c *Controller) runRoot(ctx context.Context) error {
 			t.Stop()
 			return nil
 		case <-t.C:
+		case <-changed:
+			t.Stop()
 		}
 		if err := c.reconcileRoot(ctx); err != nil && ctx.Err() == nil {
 			klog.ErrorS(err, "Root CA reconcile failed; keeping the current root", "secret", c.o.RootSecret)

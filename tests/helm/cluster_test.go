@@ -312,7 +312,7 @@ func TestClusterRBACIsLeastPrivilege(t *testing.T) {
 		},
 		objKey("Role", namespace, "csi-agent-controller"): {
 			{"", "secrets", "", "create"},
-			{"", "secrets", cluster.RootSecret, "get,update"},
+			{"", "secrets", cluster.RootSecret, "get,list,update,watch"},
 			{"", "configmaps", "", "create,get,list,update,watch"},
 			{"coordination.k8s.io", "leases", "", "create,get,update"},
 		},
