@@ -2,11 +2,13 @@ package spire
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -49,6 +51,16 @@ func Build(ctx context.Context, toolsDir, cacheDir string, logf func(string, ...
 	if err := os.MkdirAll(cacheDir, 0o755); err != nil {
 		return "", "", 0, err
 	}
+	// One build at a time: `make test` starts one in the background (make
+	// spire-prebuild) and the interop test waits for it here, then finds it.
+	unlock, err := lockFile(ctx, filepath.Join(cacheDir, version+".lock"), logf)
+	if err != nil {
+		return "", "", 0, err
+	}
+	defer unlock()
+	if isFile(server) && isFile(agent) {
+		return server, agent, 0, nil
+	}
 	tmp, err := os.MkdirTemp(cacheDir, "build-")
 	if err != nil {
 		return "", "", 0, err
@@ -82,6 +94,34 @@ func BuildAgent(ctx context.Context, repoRoot, dir string) (string, error) {
 		return "", fmt.Errorf("build csi-agent: %w\n%s", err, out)
 	}
 	return bin, nil
+}
+
+// lockFile takes an exclusive flock on path, waiting for another holder
+// until ctx ends.
+func lockFile(ctx context.Context, path string, logf func(string, ...any)) (unlock func(), err error) {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	for waited := false; ; waited = true {
+		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			return func() { _ = syscall.Flock(int(f.Fd()), syscall.LOCK_UN); f.Close() }, nil
+		}
+		if !errors.Is(err, syscall.EWOULDBLOCK) {
+			f.Close()
+			return nil, fmt.Errorf("lock %s: %w", path, err)
+		}
+		if !waited {
+			logf("waiting for the SPIRE build in progress (%s)", path)
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, ctx.Err()
+		case <-time.After(time.Second):
+		}
+	}
 }
 
 func isFile(p string) bool {
