@@ -405,9 +405,11 @@ func TestClusterCorruptStateIsReplaced(t *testing.T) {
 	mintX509(t, a, testID)
 }
 
-func TestClusterJWTKeyUsedOnlyOncePublished(t *testing.T) {
-	fc := newFakeClock()
-	f := newFakeCluster(t, fc)
+// startClusterUnpublished runs a cluster-mode authority whose JWT keys the
+// fake publishes only when told, until it holds its intermediate and key.
+func startClusterUnpublished(t *testing.T) (*fakeCluster, *Authority) {
+	t.Helper()
+	f := newFakeCluster(t, newFakeClock())
 	f.manualJWKS = true
 	a := newClusterCA(t, t.TempDir(), f)
 	runAuthority(t, a)
@@ -416,6 +418,12 @@ func TestClusterJWTKeyUsedOnlyOncePublished(t *testing.T) {
 		defer a.mu.RUnlock()
 		return a.inter != nil && len(a.cluster.jwtKeys) == 1
 	})
+	return f, a
+}
+
+func TestClusterJWTKeyUsedOnlyOncePublished(t *testing.T) {
+	f, a := startClusterUnpublished(t)
+	fc := f.clock
 	if _, _, err := a.MintJWTSVID(context.Background(), testID, []string{"aud"}); err == nil {
 		t.Fatal("signed a JWT-SVID with a key not yet in the JWKS")
 	}
@@ -457,16 +465,8 @@ func TestClusterJWTKeyUsedOnlyOncePublished(t *testing.T) {
 // jwtReadyWait only: then it is ready for X.509-SVIDs, and JWT-SVIDs are
 // refused.
 func TestClusterReadyWithoutJWTKeyAfterWait(t *testing.T) {
-	fc := newFakeClock()
-	f := newFakeCluster(t, fc)
-	f.manualJWKS = true
-	a := newClusterCA(t, t.TempDir(), f)
-	runAuthority(t, a)
-	waitFor(t, "the intermediate and the JWT key", func() bool {
-		a.mu.RLock()
-		defer a.mu.RUnlock()
-		return a.inter != nil && len(a.cluster.jwtKeys) == 1
-	})
+	f, a := startClusterUnpublished(t)
+	fc := f.clock
 	ready := make(chan error, 1)
 	go func() { ready <- a.WaitReady(context.Background()) }()
 	fc.Step(jwtReadyWait / 2)

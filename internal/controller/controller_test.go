@@ -45,7 +45,13 @@ func testOptions() Options {
 // start runs a controller on client until the test ends.
 func start(t *testing.T, client kubernetes.Interface) *Controller {
 	t.Helper()
-	c, err := New(client, testOptions())
+	return startWith(t, client, testOptions())
+}
+
+// startWith is start with options o.
+func startWith(t *testing.T, client kubernetes.Interface, o Options) *Controller {
+	t.Helper()
+	c, err := New(client, o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -291,14 +297,8 @@ func TestUserRootChangedWithoutLeaderWaitsForActivation(t *testing.T) {
 	client := fake.NewClientset(sec, ctb, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a"}})
 	o := testOptions()
 	o.RootActivationDelay = 2 * time.Second
-	c, err := New(client, o)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- c.Run(ctx) }()
-	defer func() { cancel(); <-done }()
+	c := startWith(t, client, o)
+	ctx := context.Background()
 
 	eventually(t, "both roots published", func() bool { return len(bundleRoots(t, client)) == 2 })
 	if err := c.Holder().Wait(ctx); err != nil {
@@ -330,14 +330,8 @@ func TestRotateAnnotationSeenAtOnce(t *testing.T) {
 	client := fake.NewClientset()
 	o := testOptions()
 	o.RootPoll = time.Hour
-	c, err := New(client, o)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- c.Run(ctx) }()
-	defer func() { cancel(); <-done }()
+	startWith(t, client, o)
+	ctx := context.Background()
 	eventually(t, "the trust bundle", func() bool { return len(bundleRoots(t, client)) == 1 })
 	sec, err := client.CoreV1().Secrets("csi-agent").Get(ctx, cluster.RootSecret, metav1.GetOptions{})
 	if err != nil {
